@@ -230,6 +230,25 @@ def _run_cocoeval(gt: COCO, dt: COCO, img_ids: list[int], max_dets: Sequence[int
   return ev
 
 
+def _accumulate_subset(ev: COCOeval, img_ids: Sequence[int]) -> np.ndarray:
+  """[T, R, K] precision over a subset of the evaluated images, reusing ev's per-image results.
+
+  accumulate(p) with a subset of imgIds indexes evalImgs wrongly in pycocotools, so instead the per-image entries of
+  the other images are blanked (accumulate skips None entries) and restored afterwards.
+  """
+  all_ids = list(ev._paramsEval.imgIds)
+  keep = np.isin(np.asarray(all_ids), np.asarray(list(img_ids)))
+  full, saved_eval = ev.evalImgs, ev.eval
+  n = len(all_ids)
+  ev.evalImgs = [e if keep[i % n] else None for i, e in enumerate(full)]
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      ev.accumulate()
+    return _coco_precision(ev)
+  finally:
+    ev.evalImgs, ev.eval = full, saved_eval
+
+
 def _coco_precision(ev: COCOeval) -> np.ndarray:
   """[T, R, K] precision at area 'all' and the largest maxDets."""
   return ev.eval['precision'][:, :, :, 0, -1]
@@ -422,8 +441,7 @@ def evaluate_full(truths: Sequence[ImageTruth], predictions: Sequence[ImagePredi
   for i, im in enumerate(images):
     domains.setdefault(str(im.truth.domain), []).append(i + 1)
   for domain in sorted(domains):
-    dev = _run_cocoeval(gt, dt, domains[domain], max_dets)
-    d50, d, _, _ = _ap_metrics(_coco_precision(dev), iou_thr)
+    d50, d, _, _ = _ap_metrics(_accumulate_subset(ev, domains[domain]), iou_thr)
     if not np.isnan(d50):
       metrics[f'domains/{domain}/mAP50'] = d50
       metrics[f'domains/{domain}/mAP50_95'] = d

@@ -104,7 +104,7 @@ def test_matches_pycocotools_directly():
     dlabels = np.concatenate([np.where(rng.random(int(keep.sum())) < 0.85, labels[keep], (labels[keep] + 1) % 3),
                               rng.integers(0, 3, 3)])
     scores = rng.random(len(dboxes))
-    truths.append(truth(f'im{i}', boxes, labels))
+    truths.append(truth(f'im{i}', boxes, labels, domain='XY'[i % 2]))
     preds.append(pred(f'im{i}', dboxes, scores, dlabels))
     gt_json['images'].append({'id': i + 1})
     for b, l in zip(boxes, labels):
@@ -131,6 +131,12 @@ def test_matches_pycocotools_directly():
       assert m['mAP50_95'] == pytest.approx(ev.stats[0])
     assert m['mAP50'] == pytest.approx(ev.stats[1])
     assert m['mAP50'] > 0.3
+  # Per-domain values (accumulated from the shared per-image results) equal a separate run on the domain's images.
+  for d in 'XY':
+    sub = run([x for x in truths if x.domain == d], [q for q, x in zip(preds, truths) if x.domain == d])
+    assert m[f'domains/{d}/mAP50'] == pytest.approx(sub['mAP50'])
+    assert m[f'domains/{d}/mAP50_95'] == pytest.approx(sub['mAP50_95'])
+    assert m[f'domains/{d}/mAP50'] != pytest.approx(m['mAP50'])
 
 
 def test_mask_rule():
