@@ -496,7 +496,10 @@ def parse_coco_file(json_path: Path, image_dir: Path | None, subset: F.Domain, s
         raise DatasetFormatError(f'{json_path}: image id {im["id"]}: image {fname!r} missing (no image folder '
                                  f'for split {split!r} under {json_path.parent.parent})', K_MISSING_IMAGE)
       path = image_dir / fname
-      width, height = read_image_size(path)
+      try:
+        width, height = read_image_size(path)
+      except DatasetFormatError as e:
+        raise DatasetFormatError(f'{json_path}: image id {im["id"]}: {e}', e.kind) from None
       for key, actual in (('width', width), ('height', height)):
         if key in im and im[key] is not None and im[key] != actual:
           raise DatasetFormatError(f'{json_path}: image id {im["id"]}: {key} {im[key]} differs from the file '
