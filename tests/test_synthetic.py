@@ -10,7 +10,7 @@ from PIL import Image
 from tfds_lld import lld_format as F
 from tfds_lld import synthetic
 
-KW = dict(patients=4, images_per_patient=2, seed=3)
+KW = dict(patients=3, images_per_patient=2, seed=3)
 
 
 @pytest.fixture(scope='module')
@@ -30,7 +30,7 @@ def yolo_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def sparse_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('sparse'))
-  summary = synthetic.generate(out, 'sparse', subsets=['H_40x_C1'], patients=4, images_per_patient=3, seed=5)
+  summary = synthetic.generate(out, 'sparse', subsets=['H_40x_C1'], patients=3, images_per_patient=3, seed=5)
   return out, summary
 
 
@@ -219,3 +219,12 @@ def test_bad_arguments(tmp_path):
     synthetic.generate(str(tmp_path), 'voc')
   with pytest.raises(ValueError):
     synthetic.generate(str(tmp_path), 'coco', subsets=['X_100x_C1'])
+
+
+def test_command_line(tmp_path, capsys):
+  synthetic.main(['--out', str(tmp_path), '--layout', 'yolo', '--subsets', 'H_100x_C1', '--patients', '2',
+                  '--images-per-patient', '1', '--seed', '4', '--test-fraction', '0.5'])
+  assert 'H_100x_C1' in capsys.readouterr().out
+  for split in ('train', 'test'):
+    assert len(os.listdir(tmp_path / 'H_100x_C1' / 'images' / split)) == 1
+    assert len(os.listdir(tmp_path / 'H_100x_C1' / 'labels' / split)) == 1

@@ -300,9 +300,9 @@ def _render_classified(rng, cls, attrs, u, v, r, theta, body_sdf, ppu, stain, sc
   # Chromatin texture: open = fine and smooth, coarse = clumped dark blotches.
   nuc_od = stain['nucleus'] * style['dark']
   if coarse:
-    clumps = _noise(rng, h, w, max(1.0, 6.0 * scale))
-    clumps = np.clip((clumps - 0.1) * 1.2, 0.0, 1.0)
-    shade = 0.75 + 0.75 * clumps
+    clumps = _noise(rng, h, w, max(1.0, 4.0 * scale)) + 0.5 * _noise(rng, h, w, max(1.0, 2.0 * scale))
+    clumps = np.clip((clumps - 0.2) * 1.1, 0.0, 1.0)
+    shade = 0.72 + 0.7 * clumps
     nuc_od = nuc_od * 1.12
   else:
     shade = 0.96 + 0.06 * _noise(rng, h, w, max(1.0, 2.0 * scale))
