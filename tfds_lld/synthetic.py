@@ -479,6 +479,17 @@ def _rbc_layer_sprites(od, rng, count, scale, stain, wbc_boxes):
   od += total[..., None] * stain['rbc'][None, None, :]
 
 
+_NOISE_BANK = []
+
+
+def _sensor_noise(rng):
+  """A (640, 640, 3) standard-normal noise field: a random window of a fixed bank (fast, deterministic)."""
+  if not _NOISE_BANK:
+    _NOISE_BANK.append(np.random.default_rng(20240601).standard_normal((SIZE + 384, SIZE + 384, 3), np.float32))
+  oy, ox = (int(t) for t in rng.integers(0, 385, size=2))
+  return _NOISE_BANK[0][oy:oy + SIZE, ox:ox + SIZE]
+
+
 def _pick_counts(rng, mag):
   if mag == '100x':
     return int(rng.integers(1, 7)), int(rng.integers(30, 81))
@@ -600,10 +611,10 @@ def render_field(seed: int, subset: str, patient: int, image: int, leukemia_type
 
   # Camera.
   if domain.camera == 'C2':
-    img = img * np.array([0.97, 1.0, 1.05], np.float32) + 5.0 * rng.standard_normal((H, W, 1), np.float32)
-    img += 3.0 * rng.standard_normal((H, W, 3), np.float32)
+    img = img * np.array([0.97, 1.0, 1.05], np.float32) + 5.0 * _sensor_noise(rng)[..., :1]
+    img += 3.0 * _sensor_noise(rng)
   else:
-    img += 1.5 * rng.standard_normal((H, W, 3), np.float32)
+    img += 1.5 * _sensor_noise(rng)
   pil = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), 'RGB')
   if blur > 0:
     pil = pil.filter(ImageFilter.GaussianBlur(blur))
