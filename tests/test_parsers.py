@@ -115,6 +115,11 @@ def test_find_subsets_mixed_layouts_and_single_subset_root(tmp_path):
       ('H_100x_C1', P.COCO), ('H_40x_C1', P.SPARSE), ('L_10x_C1', P.YOLO)]
   single = P.find_subsets(tmp_path / 'LCM_10x_C1')
   assert [(s.domain.subset, s.layout) for s in single] == [('L_10x_C1', P.YOLO)]
+  wrapped = tmp_path / 'wrapper'
+  H.write_yolo_subset(wrapped / 'LLD', 'L_100x_C2', n_images=1)
+  single = P.find_subsets(wrapped)
+  assert [(s.domain.subset, s.layout) for s in single] == [('L_100x_C2', P.YOLO)]
+  assert P.find_subsets(tmp_path / 'not_a_subset') == []
 
 
 def test_txl_pbc_parses(tmp_path):
@@ -331,6 +336,13 @@ def test_txl_bad_input(tmp_path, case):
   for frag in fragments:
     assert frag in str(info.value), (frag, str(info.value))
   assert info.value.kind == kind
+
+
+def test_duplicate_subset(tmp_path):
+  H.write_coco_subset(tmp_path, 'H_100x_C1', n_images=1)
+  H.write_yolo_subset(tmp_path, 'hcm_100x_c1', n_images=1)
+  with pytest.raises(P.DatasetFormatError, match=r'hcm_100x_c1: subset H_100x_C1 given twice'):
+    P.find_subsets(tmp_path)
 
 
 def test_missing_root(tmp_path):

@@ -381,6 +381,9 @@ def find_subsets(root: str | os.PathLike, on_error: str = 'raise',
     candidates = [root]
   else:
     candidates = [p for p in sorted(root.iterdir()) if p.is_dir() and F.parse_subset_name(p.name) is not None]
+    if not candidates:  # An archive often unpacks into one wrapper folder: look one level further down.
+      candidates = [p for d in sorted(root.iterdir()) if d.is_dir() for p in sorted(d.iterdir())
+                    if p.is_dir() and F.parse_subset_name(p.name) is not None]
   out, seen = [], {}
   policy = _Policy(on_error, report if report is not None else SkipReport())
   for folder in candidates:

@@ -121,7 +121,8 @@ def report_build(name: str, report: P.SkipReport | None, counts: dict) -> str:
     lines.append(f'[{name}] ' + report.summary().replace('\n', f'\n[{name}] '))
   text = '\n'.join(lines)
   print(text, flush=True)
-  _LOG.info('%s', text)
+  if report is not None:  # One log line (the printed text above is the readable form).
+    _LOG.info('%s: examples %s, skipped %s, notes %s', name, dict(counts), dict(report.counts), dict(report.notes))
   return text
 
 
