@@ -398,3 +398,17 @@ def test_region_mask():
   assert P.region_mask([], 10, 20).sum() == 0
   np.testing.assert_allclose(P.normalized_yxyx(np.array([[64, 32, 384, 352]]), 640, 640),
                              [[0.05, 0.1, 0.55, 0.6]])
+
+
+def test_skip_policy_mixed_columns_keeps_majority(tmp_path):
+  folder = H.write_yolo_subset(tmp_path, 'L_40x_C2', splits=('train',), n_images=3)
+  (folder / 'labels/train/3_3_400_CLL.txt').write_text(H.SPARSE_ROW + '\n')
+  records, report, subsets = _parse(tmp_path, on_error='skip')
+  assert subsets[0].layout == P.YOLO
+  assert sorted(r.filename for r in records) == ['1_1_400_CLL.png', '2_2_400_CLL.png']
+  assert dict(report.counts) == {P.K_COLUMNS: 1} and report.notes[P.K_MIXED] == 1
+
+
+def test_bad_on_error_value():
+  with pytest.raises(ValueError, match='on_error'):
+    P.parse_lld('/nonexistent', on_error='ignore')

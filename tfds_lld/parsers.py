@@ -141,6 +141,11 @@ class SkipReport:
     return '\n'.join(lines)
 
 
+def _check_on_error(on_error: str) -> None:
+  if on_error not in ON_ERROR_CHOICES:
+    raise ValueError(f'on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}')
+
+
 class _Policy:
   """Runs a unit of parsing; on DatasetFormatError raises or records the skip."""
 
@@ -688,6 +693,7 @@ def parse_subset(info: SubsetInfo, on_error: str = 'raise',
 def parse_lld(root: str | os.PathLike, layouts: Iterable[str] = (COCO, YOLO, SPARSE), on_error: str = 'raise',
               ) -> tuple[list[ExampleRecord], SkipReport, list[SubsetInfo]]:
   """All records of the subsets under `root` whose layout is in `layouts`; also the report and all subsets found."""
+  _check_on_error(on_error)
   report = SkipReport()
   subsets = find_subsets(root, on_error, report)
   records = []
@@ -735,6 +741,7 @@ def read_data_yaml(path: Path) -> list[str]:
 def parse_txl_pbc(root: str | os.PathLike, on_error: str = 'raise',
                   ) -> tuple[list[ExampleRecord], SkipReport, list[str]]:
   """TXL-PBC YOLO 5-column download: records of every split present, the report and the class names."""
+  _check_on_error(on_error)
   root = Path(root).expanduser()
   if not root.is_dir():
     raise DatasetFormatError(f'{root}: TXL-PBC folder does not exist or is not a directory', K_LAYOUT)
