@@ -72,8 +72,28 @@ def torchvision_state_dict(depth: int, width: int = 64, seed: int = 0) -> dict[s
     return sd
 
 
-def _init(model, size=64):
-    return model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+def _init(model, size=32, seed=0):
+    """Variables of ``model`` with the structure/shapes/dtypes of ``model.init``, filled with numpy.
+
+    The structure comes from ``jax.eval_shape(model.init, ...)`` (the same code path as ``init``);
+    the values are drawn with numpy because compiling jax.random for every kernel shape takes tens
+    of seconds on a small CPU, which would dominate this test file.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_out = int(np.prod(leaf.shape[:-2])) * leaf.shape[-1]
+            value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_out)
+        elif name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:  # bias, mean
+            value = 0.1 * rng.standard_normal(leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _leaf_paths(tree):
@@ -91,13 +111,13 @@ def test_output_shapes_and_strides(depth):
     model = ResNet(depth=depth, norm="frozen_bn", width=WIDTH)
     variables = _init(model)
     assert set(variables) == {"params", FROZEN_COLLECTION}
-    out = model.apply(variables, jnp.ones((2, 64, 64, 3)))
+    out = model.apply(variables, jnp.ones((1, 64, 64, 3)))
     chans = feature_channels(depth, WIDTH)
     assert chans == model.num_channels
     exp = 1 if depth == 18 else 4
     assert chans == {f"stride{s}": WIDTH * m * exp for s, m in [(4, 1), (8, 2), (16, 4), (32, 8)]}
     for s in (4, 8, 16, 32):
-        assert out[f"stride{s}"].shape == (2, 64 // s, 64 // s, chans[f"stride{s}"])
+        assert out[f"stride{s}"].shape == (1, 64 // s, 64 // s, chans[f"stride{s}"])
     assert feature_channels(50) == {"stride4": 256, "stride8": 512, "stride16": 1024, "stride32": 2048}
     assert feature_channels(18)["stride32"] == 512
 
@@ -123,7 +143,7 @@ def test_frozen_bn_has_no_trainable_params():
     assert {p[-1] for p in _leaf_paths(frozen)} == {"scale", "bias", "mean", "var"}
 
     def loss(p):
-        out = model.apply({"params": p, FROZEN_COLLECTION: frozen}, jnp.ones((1, 32, 32, 3)))
+        out = model.apply({"params": p, FROZEN_COLLECTION: frozen}, jnp.ones((1, 64, 64, 3)))
         return sum(jnp.sum(v) for v in out.values())
 
     grads = jax.grad(loss)(params)
@@ -150,13 +170,17 @@ def test_frozen_bn_is_the_fixed_affine():
 
 
 def test_group_norm_is_trainable_and_has_no_frozen_stats():
-    model = ResNet(depth=50, norm="group_norm", width=WIDTH)
+    model = ResNet(depth=18, norm="group_norm", width=WIDTH)
     variables = _init(model)
     assert set(variables) == {"params"}
     leaves = _leaf_paths(variables["params"])
-    assert ("bn1", "scale") in leaves and ("layer1_0", "downsample_bn", "bias") in leaves
+    assert ("bn1", "scale") in leaves and ("layer2_0", "downsample_bn", "bias") in leaves
+    assert all(p[-1] in ("kernel", "scale", "bias") for p in leaves)
     out = model.apply(variables, jnp.ones((1, 64, 64, 3)))
-    assert out["stride32"].shape == (1, 2, 2, 8 * WIDTH * 4)
+    assert out["stride32"].shape == (1, 2, 2, 8 * WIDTH)
+    # GroupNorm scale/bias are ordinary params and receive gradients.
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, jnp.ones((1, 64, 64, 3)))["stride4"]))(variables["params"])
+    assert float(jnp.abs(grads["bn1"]["scale"]).sum()) > 0
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -332,7 +356,7 @@ def test_merge_pretrained_into_bigger_model(tmp_path):
             return nn.Dense(4, name="head")(feats["stride32"].mean(axis=(1, 2)))
 
     det = Detector()
-    variables = det.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    variables = _init(det)
     sd = torchvision_state_dict(18, WIDTH)
     path = tmp_path / "r18.safetensors"
     save_file(sd, str(path))
