@@ -1,0 +1,112 @@
+"""The training objective: per-layer Hungarian matching plus class, box, attribute, denoising and two-stage losses.
+
+`detection_loss` is a pure function of the model outputs and the targets, callable inside the pmapped step.
+Box and class sums are divided by the number of real boxes summed over devices (`axis_name`), so a device with
+an empty image does not blow up its gradient.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from lld_jax import boxes as box_ops
+from lld_jax import losses
+from lld_jax import matching
+
+
+def _global_count(count, axis_name):
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name) / jax.lax.psum(1, axis_name)
+  return jnp.maximum(count, 1.0)
+
+
+def _matched_layer_losses(logits, boxes, targets, weights: matching.CostWeights, loss_config, num_boxes,
+                          attribute_logits=None):
+  """Class and box losses of one set of predictions after Hungarian matching; returns (losses, assignment)."""
+  query_for_target, query_in_region = matching.batched_match(
+      logits, boxes, targets['labels'], targets['boxes'], targets['weight'] > 0, targets['annotation_mask'],
+      weights, attribute_logits, targets['attributes'] if attribute_logits is not None else None)
+  query_labels, query_boxes, query_weight, is_matched = losses.matched_query_targets(
+      query_for_target, targets['labels'], targets['boxes'], targets['weight'], query_in_region, logits.shape[1])
+  quality = box_ops.iou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(query_boxes))
+  quality = jnp.where(is_matched, quality, 0.0)
+  class_sum = losses.class_loss(logits, query_labels, quality, query_weight, loss_config.class_loss,
+                                weights.focal_alpha, weights.focal_gamma)
+  matched_boxes = losses.gather_queries(boxes, query_for_target)
+  l1_sum, giou_sum = losses.box_losses(matched_boxes, targets['boxes'], targets['weight'])
+  return {'class': class_sum / num_boxes, 'l1': l1_sum / num_boxes, 'giou': giou_sum / num_boxes}, \
+      query_for_target
+
+
+def _denoising_losses(outputs, layer, targets, loss_config, num_boxes):
+  """Denoising queries know their target: positives regress it, negatives are "no object"."""
+  logits, boxes = outputs['dn_logits'][layer], outputs['dn_boxes'][layer]
+  target_index, valid, positive = outputs['dn_target_index'], outputs['dn_valid'], outputs['dn_is_positive']
+  target_boxes = losses.gather_queries(targets['boxes'], target_index)
+  target_weight = losses.gather_queries(targets['weight'], target_index)
+  in_region = jax.vmap(matching.points_in_mask)(boxes[..., :2], targets['annotation_mask'])
+  query_weight = jnp.where(positive, target_weight, jnp.where(valid & in_region, 1.0, 0.0))
+  quality = jnp.where(positive & valid, box_ops.iou(box_ops.cxcywh_to_xyxy(boxes),
+                                                   box_ops.cxcywh_to_xyxy(target_boxes)), 0.0)
+  labels = jnp.where(valid, outputs['dn_labels'], -1)
+  num_groups = jnp.maximum(positive.sum(-1).max() / jnp.maximum(targets['labels'].shape[1], 1), 1.0)
+  normalizer = num_boxes * num_groups
+  class_sum = losses.class_loss(logits, labels, quality, query_weight, loss_config.class_loss)
+  box_weight = jnp.where(positive, target_weight, 0.0)
+  l1_sum, giou_sum = losses.box_losses(boxes, target_boxes, box_weight)
+  return {'class': class_sum / normalizer, 'l1': l1_sum / normalizer, 'giou': giou_sum / normalizer}
+
+
+def detection_loss(outputs, targets, loss_config, axis_name=None):
+  """Total weighted loss and a dict of its terms.
+
+  targets: labels [B, T], boxes [B, T, 4] normalized cxcywh, attributes [B, T, A] (-1 = n/a), weight [B, T]
+  (1 real, pseudo-label weight, 0 padding), annotation_mask [B, h, w].
+  loss_config: class_loss, class/l1/giou/attribute weights, aux_loss, matcher cost weights.
+  """
+  weights = matching.CostWeights(
+      class_weight=loss_config.cost_class, l1_weight=loss_config.cost_l1, giou_weight=loss_config.cost_giou,
+      attribute_weight=loss_config.cost_attribute)
+  num_boxes = _global_count(targets['weight'].sum(), axis_name)
+  term_weights = {'class': loss_config.class_weight, 'l1': loss_config.l1_weight, 'giou': loss_config.giou_weight}
+  terms = {}
+  num_layers = outputs['pred_logits'].shape[0]
+  final_assignment = None
+  for layer in range(num_layers):
+    is_last = layer == num_layers - 1
+    if not (is_last or loss_config.aux_loss):
+      continue
+    attribute_logits = outputs['attribute_logits'] if is_last else None
+    layer_terms, assignment = _matched_layer_losses(
+        outputs['pred_logits'][layer], outputs['pred_boxes'][layer], targets, weights, loss_config, num_boxes,
+        attribute_logits)
+    if is_last:
+      final_assignment = assignment
+    for name, value in layer_terms.items():
+      terms[f'{name}/layer{layer}'] = value
+    if 'dn_logits' in outputs:
+      for name, value in _denoising_losses(outputs, layer, targets, loss_config, num_boxes).items():
+        terms[f'dn_{name}/layer{layer}'] = value
+  if 'enc_logits' in outputs:
+    enc_terms, _ = _matched_layer_losses(outputs['enc_logits'], outputs['enc_boxes'], targets, weights,
+                                         loss_config, num_boxes)
+    for name, value in enc_terms.items():
+      terms[f'{name}/encoder'] = value
+
+  # Attributes of matched queries (final layer), and of positive denoising queries.
+  attribute_sum, attribute_count = losses.attribute_loss(
+      losses.gather_queries(outputs['attribute_logits'], final_assignment), targets['attributes'],
+      targets['weight'])
+  if 'dn_attribute_logits' in outputs:
+    dn_attributes = losses.gather_queries(targets['attributes'], outputs['dn_target_index'])
+    dn_weight = jnp.where(outputs['dn_is_positive'],
+                          losses.gather_queries(targets['weight'], outputs['dn_target_index']), 0.0)
+    dn_sum, dn_count = losses.attribute_loss(outputs['dn_attribute_logits'], dn_attributes, dn_weight)
+    attribute_sum, attribute_count = attribute_sum + dn_sum, attribute_count + dn_count
+  terms['attributes'] = attribute_sum / _global_count(attribute_count, axis_name)
+
+  total = 0.0
+  for name, value in terms.items():
+    base = name.split('/')[0].removeprefix('dn_')
+    weight = loss_config.attribute_weight if base == 'attributes' else term_weights[base]
+    total = total + weight * value
+  return total, terms

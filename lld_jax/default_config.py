@@ -1,0 +1,99 @@
+"""Defaults shared by every config in `configs/`. Each config file starts from `base_config()` and changes
+what its experiment needs; the returned ConfigDict is locked by the command line, so a misspelled override fails.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 10_000
+  c.per_device_batch_size = 4
+  c.image_size = 640
+  c.max_objects = 64
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.cache = True
+  c.shuffle_buffer = 512
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'lld'
+  c.dataset.config = 'full'
+  c.dataset.manual_dir = ''  # the user's download; built into data_dir on first use
+  c.dataset.data_dir = ''  # TFDS data dir ('' = TFDS default, ~/tensorflow_datasets)
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'test'
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = True
+  c.augment.vertical_flip = 1.0  # probability factor; films have no up or down. Never rotate by 90 degrees.
+  c.augment.min_scale = 0.75
+  c.augment.max_scale = 1.25
+  c.augment.colour = 1.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = 'resnet50'
+  c.model.backbone_norm = 'frozen_bn'
+  c.model.backbone_width = 64
+  c.model.pretrained = ''  # torchvision ResNet checkpoint (.pth or .safetensors)
+  c.model.hidden_dim = 256
+  c.model.num_heads = 8
+  c.model.ffn_dim = 1024
+  c.model.num_encoder_layers = 1
+  c.model.num_decoder_layers = 6
+  c.model.num_queries = 300
+  c.model.num_points = 4
+  c.model.two_stage = True
+  c.model.denoising_groups = 5
+  c.model.label_noise = 0.5
+  c.model.box_noise = 1.0
+  c.model.attribute_head = 'query'
+  c.model.roi_size = 7
+  c.model.dtype = 'float32'  # 'bfloat16' on accelerators
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.class_loss = 'varifocal'
+  c.loss.class_weight = 1.0
+  c.loss.l1_weight = 5.0
+  c.loss.giou_weight = 2.0
+  c.loss.attribute_weight = 1.0
+  c.loss.aux_loss = True
+  c.loss.cost_class = 2.0
+  c.loss.cost_l1 = 5.0
+  c.loss.cost_giou = 2.0
+  c.loss.cost_attribute = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 2e-4
+  c.optimizer.backbone_lr_factor = 0.1
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.warmup_steps = 500
+  c.optimizer.grad_clip = 0.1
+  c.optimizer.ema_decay = 0.9996  # 0 disables the EMA
+  c.optimizer.ema_warmup_steps = 1000
+
+  c.pseudo_labels = ml_collections.ConfigDict()
+  c.pseudo_labels.enabled = False
+  c.pseudo_labels.threshold = 0.95
+  c.pseudo_labels.weight = 0.1
+  c.pseudo_labels.warmup_steps = 1000
+  c.pseudo_labels.attributes = False
+
+  c.nonfinite = ml_collections.ConfigDict()
+  c.nonfinite.policy = 'skip'  # 'skip' the update or 'stop' training
+  c.nonfinite.max_consecutive = 20
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_detections = 100
+  c.eval.score_threshold = 0.001
+  c.eval.attribute_score_threshold = 0.3
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # call jax.distributed.initialize() (multi-host GPU clusters, TPU pods)
+  c.distributed.coordinator_address = ''
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  return c

@@ -1,0 +1,132 @@
+r"""Evaluation: `python -m lld_jax.evaluate --config=configs/NAME.py --workdir=DIR [--split=test]`.
+
+Restores the best checkpoint of DIR (else the latest), predicts on the split and writes
+DIR/eval/<split>/metrics.json (COCO mAP via pycocotools, attribute metrics under the strict and the paper
+protocol, per-domain mAP) with precision-recall, attribute-confusion and per-domain plots beside it.
+Images with an annotation mask are scored only inside it.
+"""
+
+import functools
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lld_jax import input_pipeline
+from lld_jax import metrics as metrics_lib
+from lld_jax import plots
+from lld_jax import postprocess
+from lld_jax import sharding
+from tfds_lld import lld_format
+
+
+def ground_truth(builder, split) -> list[metrics_lib.ImageTruth]:
+  """The split's annotations in original pixels, in the same order as `input_pipeline.eval_dataset`."""
+  truths = []
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  for index, example in enumerate(tfds.as_numpy(ds)):
+    height, width = example['image'].shape[:2]
+    ymin, xmin, ymax, xmax = np.asarray(example['objects']['bbox'], np.float64).reshape(-1, 4).T
+    boxes = np.stack([xmin * width, ymin * height, xmax * width, ymax * height], -1)
+    mask = example['annotation_mask'][..., 0] > 0
+    truths.append(metrics_lib.ImageTruth(
+        image_id=str(index), domain=example['domain']['subset'].decode(), height=height, width=width,
+        boxes=boxes, labels=example['objects']['label'].astype(np.int64),
+        attributes=example['objects']['attributes'].reshape(len(boxes), -1).astype(np.int64),
+        annotation_mask=None if mask.all() else mask))
+  return truths
+
+
+def predict_split(model, state, builder, split, config) -> list[metrics_lib.ImagePrediction]:
+  """Detections for every image of the split (EMA weights when the config keeps an EMA)."""
+  from lld_jax import train  # the train module owns the step functions and state layout
+  variables = train.model_variables(state, use_ema=config.optimizer.ema_decay > 0)
+  p_predict = jax.pmap(functools.partial(train.predict_step, model=model), axis_name=train.AXIS)
+  replicated = sharding.replicate(variables)
+  num_devices = jax.local_device_count()
+  predictions = {}
+  for batch in sharding.prefetch_to_devices(
+      input_pipeline.eval_dataset(builder, split, config, num_devices).as_numpy_iterator()):
+    outputs = jax.device_get(p_predict(replicated, {k: batch[k] for k in ('image', 'image_mask')}))
+    meta = jax.device_get({k: batch[k] for k in ('index', 'scale', 'original_size', 'example_valid')})
+    for d in range(num_devices):
+      for b in range(config.per_device_batch_size):
+        if not meta['example_valid'][d, b]:
+          continue
+        found = postprocess.to_detections(
+            outputs['logits'][d, b], outputs['boxes'][d, b], outputs['attribute_logits'][d, b],
+            config.image_size, float(meta['scale'][d, b]), meta['original_size'][d, b],
+            config.eval.max_detections, config.eval.score_threshold)
+        index = int(meta['index'][d, b])
+        predictions[index] = metrics_lib.ImagePrediction(
+            image_id=str(index), boxes=found.boxes, scores=found.scores, labels=found.labels,
+            attributes=found.attributes)
+  return [predictions[i] for i in sorted(predictions)]
+
+
+def evaluate_split(model, state, builder, split, config) -> metrics_lib.EvaluationResult:
+  truths = ground_truth(builder, split)
+  predictions = predict_split(model, state, builder, split, config)
+  if len(predictions) != len(truths):
+    raise RuntimeError(f'evaluation lost images: {len(truths)} in {split}, {len(predictions)} predicted')
+  info = input_pipeline.dataset_info(builder)
+  return metrics_lib.evaluate_full(
+      truths, predictions, info.class_names, lld_format.ATTRIBUTE_NAMES,
+      attribute_score_threshold=config.eval.attribute_score_threshold,
+      max_dets=(1, 10, max(100, config.eval.max_detections)))
+
+
+def write_evaluation(result, out_dir):
+  os.makedirs(out_dir, exist_ok=True)
+  clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in result.metrics.items()}
+  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+    json.dump(clean, f, indent=2, sort_keys=True)
+  plots.write_evaluation_plots(result, out_dir)
+
+
+def restore_for_inference(config, workdir, num_classes):
+  """Model and state from DIR/best when it exists, else the latest checkpoint in DIR/checkpoints."""
+  from lld_jax import train
+  model = train.create_model(config, num_classes)
+  state, _ = train.create_train_state(model, config, jax.random.PRNGKey(config.seed))
+  latest, best = train.checkpoint_managers(workdir, config)
+  manager = best if best.latest_step() is not None else latest
+  if manager.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/best or {workdir}/checkpoints: train first')
+  return model, train.restore_latest(manager, state)
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file('config', None, 'Configuration file used for training.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training directory with checkpoints.')
+  flags.DEFINE_string('split', None, 'Split to evaluate (default: config.dataset.eval_split).')
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  split = FLAGS.split or config.dataset.eval_split
+  builder = input_pipeline.load_builder(config.dataset.name, config.dataset.config,
+                                        config.dataset.data_dir or None, config.dataset.manual_dir or None)
+  model, state = restore_for_inference(config, FLAGS.workdir, input_pipeline.dataset_info(builder).num_classes)
+  result = evaluate_split(model, state, builder, split, config)
+  out_dir = os.path.join(FLAGS.workdir, 'eval', split)
+  write_evaluation(result, out_dir)
+  m = result.metrics
+  print(json.dumps({k: m[k] for k in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict',
+                                      'attributes/mean_f1_paper') if k in m}, indent=2))
+  print(f'wrote {out_dir}/metrics.json')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,381 @@
+"""The cell detector: ResNet backbone, RT-DETR-style hybrid encoder, deformable decoder with iterative box
+refinement, two-stage query selection, contrastive denoising queries and attribute queries.
+
+Why these pieces: vanilla DETR needs hundreds of epochs. Deformable attention around anchor boxes (Deformable
+DETR, DAB-DETR), encoder-selected initial queries (two-stage, RT-DETR), and denoising groups (DN-DETR, DINO)
+each cut that by an order of magnitude, which is what makes training on small data and few devices possible.
+White cells on 10x fields are 6-12 px, so the decoder reads stride-8 features; attributes such as nucleoli and
+chromatin are small details, so each attribute query reads RoI-aligned stride-8 features inside its cell's box.
+
+Outputs (L decoder layers, Q matching queries, D denoising queries, K classes, A attributes, V values):
+  pred_logits [L, B, Q, K], pred_boxes [L, B, Q, 4] (normalized cxcywh), attribute_logits [B, Q, A, V],
+  enc_logits [B, Q, K], enc_boxes [B, Q, 4] (two-stage proposals),
+  and with denoising: dn_logits [L, B, D, K], dn_boxes [L, B, D, 4], dn_attribute_logits [B, D, A, V],
+  dn_labels [B, D] (-1 = no object), dn_target_index [B, D], dn_valid [B, D], dn_is_positive [B, D].
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lld_jax import boxes as box_ops
+from lld_jax.models import resnet
+from lld_jax.models.deformable_attention import MultiScaleDeformableAttention
+from lld_jax.models.deformable_attention import bilinear_sample
+
+_NEG_INF = -1e9
+
+
+def sine_position_embedding(mask, dim, temperature=10000.0):
+  """2-D sine embedding [B, H, W, dim] of cumulative valid-pixel coordinates, so padding does not shift it."""
+  y = jnp.cumsum(mask, axis=1, dtype=jnp.float32)
+  x = jnp.cumsum(mask, axis=2, dtype=jnp.float32)
+  y = (y - 0.5) / (y[:, -1:, :] + 1e-6) * 2 * np.pi
+  x = (x - 0.5) / (x[:, :, -1:] + 1e-6) * 2 * np.pi
+  return jnp.concatenate([_sine(x, dim // 2, temperature), _sine(y, dim // 2, temperature)], axis=-1)
+
+
+def _sine(coordinate, dim, temperature):
+  frequencies = temperature ** (2 * (jnp.arange(dim // 2, dtype=jnp.float32)) / dim)
+  angles = coordinate[..., None] / frequencies
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def box_sine_embedding(boxes, dim):
+  """Sine embedding [..., 4 * dim/4] of normalized cxcywh boxes (DAB-DETR's positional query)."""
+  return jnp.concatenate([_sine(boxes[..., i] * 2 * np.pi, dim // 4, 10000.0) for i in range(4)], axis=-1)
+
+
+class MLP(nn.Module):
+  hidden_dim: int
+  output_dim: int
+  num_layers: int
+  dtype: jnp.dtype = jnp.float32
+  zero_last: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_layers - 1):
+      x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype, name=f'layer{i}')(x))
+    kernel_init = nn.initializers.zeros if self.zero_last else nn.initializers.lecun_normal()
+    return nn.Dense(self.output_dim, dtype=self.dtype, kernel_init=kernel_init,
+                    name=f'layer{self.num_layers - 1}')(x)
+
+
+class ConvNorm(nn.Module):
+  features: int
+  kernel: int = 1
+  stride: int = 1
+  activation: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    pad = self.kernel // 2
+    x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype)(x)
+    x = nn.GroupNorm(num_groups=min(32, self.features // 4), dtype=self.dtype)(x)
+    return nn.silu(x) if self.activation else x
+
+
+class FusionBlock(nn.Module):
+  """Fuses two same-resolution maps (concatenated) with a residual stack of 3x3 convolutions."""
+  features: int
+  depth: int = 2
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = ConvNorm(self.features, 1, dtype=self.dtype)(x)
+    for _ in range(self.depth):
+      x = x + ConvNorm(self.features, 3, dtype=self.dtype)(x)
+    return x
+
+
+class TransformerEncoderLayer(nn.Module):
+  hidden_dim: int
+  num_heads: int
+  ffn_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, position, valid):
+    attention_mask = valid[:, None, None, :]
+    attended = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)(
+        tokens + position, tokens + position, tokens, mask=attention_mask)
+    tokens = nn.LayerNorm(dtype=self.dtype)(tokens + attended)
+    hidden = nn.Dense(self.ffn_dim, dtype=self.dtype)(tokens)
+    tokens = nn.LayerNorm(dtype=self.dtype)(tokens + nn.Dense(self.hidden_dim, dtype=self.dtype)(nn.gelu(hidden)))
+    return tokens
+
+
+class HybridEncoder(nn.Module):
+  """Self-attention within the coarsest level, then top-down (FPN) and bottom-up (PAN) fusion to stride 8."""
+  hidden_dim: int
+  num_heads: int
+  ffn_dim: int
+  num_encoder_layers: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Sequence[jnp.ndarray], masks: Sequence[jnp.ndarray]):
+    """features: [stride8, stride16, stride32] maps; masks: matching [B, H, W] padding masks."""
+    levels = [ConvNorm(self.hidden_dim, 1, activation=False, dtype=self.dtype, name=f'input_proj{i}')(f)
+              for i, f in enumerate(features)]
+    coarse = levels[-1]
+    batch, h, w, c = coarse.shape
+    position = sine_position_embedding(masks[-1], self.hidden_dim).reshape(batch, h * w, c).astype(self.dtype)
+    tokens = coarse.reshape(batch, h * w, c)
+    for i in range(self.num_encoder_layers):
+      tokens = TransformerEncoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype,
+                                       name=f'coarse_attention{i}')(tokens, position, masks[-1].reshape(batch, -1))
+    levels[-1] = tokens.reshape(batch, h, w, c)
+    # Top-down: coarse context flows to stride 8.
+    top_down = [levels[-1]]
+    for i in range(len(levels) - 2, -1, -1):
+      upper = ConvNorm(self.hidden_dim, 1, dtype=self.dtype, name=f'lateral{i}')(top_down[0])
+      target_shape = levels[i].shape[:3] + (upper.shape[-1],)
+      upsampled = jax.image.resize(upper, target_shape, 'nearest')
+      top_down.insert(0, FusionBlock(self.hidden_dim, dtype=self.dtype, name=f'fpn{i}')(
+          jnp.concatenate([upsampled, levels[i]], -1)))
+    # Bottom-up: fine detail flows back to the coarse levels.
+    outputs = [top_down[0]]
+    for i in range(1, len(levels)):
+      down = ConvNorm(self.hidden_dim, 3, stride=2, dtype=self.dtype, name=f'downsample{i}')(outputs[-1])
+      down = down[:, :top_down[i].shape[1], :top_down[i].shape[2]]
+      outputs.append(FusionBlock(self.hidden_dim, dtype=self.dtype, name=f'pan{i}')(
+          jnp.concatenate([down, top_down[i]], -1)))
+    return outputs
+
+
+class DecoderLayer(nn.Module):
+  hidden_dim: int
+  num_heads: int
+  ffn_dim: int
+  num_levels: int
+  num_points: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries, query_position, reference_boxes, self_attention_mask, values, value_masks):
+    q = queries + query_position
+    attended = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name='self_attention')(
+        q, q, queries, mask=self_attention_mask)
+    queries = nn.LayerNorm(dtype=self.dtype)(queries + attended)
+    cross = MultiScaleDeformableAttention(self.hidden_dim, self.num_heads, self.num_levels, self.num_points,
+                                          self.dtype, name='cross_attention')(
+        queries + query_position, reference_boxes, values, value_masks)
+    queries = nn.LayerNorm(dtype=self.dtype)(queries + cross)
+    hidden = nn.relu(nn.Dense(self.ffn_dim, dtype=self.dtype)(queries))
+    return nn.LayerNorm(dtype=self.dtype)(queries + nn.Dense(self.hidden_dim, dtype=self.dtype)(hidden))
+
+
+class AttributeHead(nn.Module):
+  """Attribute queries: one learned query per attribute, added to its object's decoder output, cross-attends to
+  RoI-aligned high-resolution features inside the object's box, then classifies that attribute.
+  `mode='mlp'` replaces the queries by a plain MLP per attribute on the decoder output (ablation)."""
+  num_values: Sequence[int]
+  hidden_dim: int
+  num_heads: int = 4
+  roi_size: int = 7
+  mode: str = 'query'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, object_features, boxes, feature_map, feature_mask):
+    num_attributes, max_values = len(self.num_values), max(self.num_values)
+    batch, num_objects, _ = object_features.shape
+    if self.mode == 'query':
+      grid = (jnp.arange(self.roi_size, dtype=jnp.float32) + 0.5) / self.roi_size - 0.5
+      gy, gx = jnp.meshgrid(grid, grid, indexing='ij')
+      offsets = jnp.stack([gx.ravel(), gy.ravel()], -1)  # [R, 2] in box units
+      locations = boxes[:, :, None, :2] + offsets[None, None] * boxes[:, :, None, 2:]  # [B, N, R, 2]
+      masked_map = feature_map * feature_mask[..., None].astype(feature_map.dtype)
+      roi = bilinear_sample(masked_map[:, :, :, None, :], locations[:, :, None].astype(feature_map.dtype))
+      roi = roi[:, :, 0]  # [B, N, R, C]
+      roi = nn.Dense(self.hidden_dim, dtype=self.dtype, name='roi_proj')(roi)
+      roi = roi + self.param('roi_position', nn.initializers.normal(0.02), (self.roi_size**2, self.hidden_dim))
+      attribute_queries = self.param('attribute_queries', nn.initializers.normal(0.02),
+                                     (num_attributes, self.hidden_dim))
+      x = object_features[:, :, None, :] + attribute_queries[None, None]  # [B, N, A, C]
+      x = x.reshape(batch * num_objects, num_attributes, self.hidden_dim)
+      roi = roi.reshape(batch * num_objects, self.roi_size**2, self.hidden_dim)
+      x = nn.LayerNorm(dtype=self.dtype)(x + nn.MultiHeadDotProductAttention(
+          num_heads=self.num_heads, dtype=self.dtype, name='roi_attention')(x, roi, roi))
+      x = nn.LayerNorm(dtype=self.dtype)(x + MLP(self.hidden_dim * 2, self.hidden_dim, 2, self.dtype)(x))
+      x = x.reshape(batch, num_objects, num_attributes, self.hidden_dim)
+      kernel = self.param('classifier_kernel', nn.initializers.lecun_normal(),
+                          (num_attributes, self.hidden_dim, max_values))
+      bias = self.param('classifier_bias', nn.initializers.zeros, (num_attributes, max_values))
+      logits = jnp.einsum('bnac,acv->bnav', x.astype(jnp.float32), kernel) + bias
+    elif self.mode == 'mlp':
+      logits = jnp.stack([MLP(self.hidden_dim, max_values, 2, self.dtype, name=f'attribute{a}')(object_features)
+                          for a in range(num_attributes)], axis=2).astype(jnp.float32)
+    else:
+      raise ValueError(f'unknown attribute head {self.mode!r}; expected query or mlp')
+    allowed = jnp.arange(max_values)[None, :] < jnp.asarray(self.num_values)[:, None]  # [A, V]
+    return jnp.where(allowed, logits, _NEG_INF)
+
+
+def token_anchors(shapes, masks, base_size=0.05):
+  """Anchor boxes [B, N, 4] (cxcywh) at every token of every level, and whether each is usable [B, N]."""
+  anchors, usable = [], []
+  for level, ((h, w), mask) in enumerate(zip(shapes, masks)):
+    ys, xs = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing='ij')
+    size = jnp.full((h, w), base_size * 2.0**level)
+    anchors.append(jnp.stack([xs, ys, size, size], -1).reshape(-1, 4))
+    usable.append(mask.reshape(mask.shape[0], -1) > 0)
+  return jnp.concatenate(anchors)[None], jnp.concatenate(usable, axis=1)
+
+
+def denoising_queries(rng, labels, boxes, valid, num_groups, num_classes, label_noise, box_noise):
+  """Contrastive denoising queries (DINO) with static shapes.
+
+  Each group holds a positive copy (box noise below `box_noise`) and a negative copy (noise between `box_noise`
+  and 2x) of every target slot, including padded slots, which are marked invalid.
+  Returns noised labels [B, D], boxes [B, D, 4], and per-query target index, validity and positivity [B, D],
+  where D = num_groups * 2 * T.
+  """
+  batch, num_targets = labels.shape
+  label_rng, sign_rng, magnitude_rng = jax.random.split(rng, 3)
+  shape = (batch, num_groups, 2, num_targets)
+  tiled_labels = jnp.broadcast_to(labels[:, None, None, :], shape)
+  flip = jax.random.uniform(label_rng, shape) < label_noise * 0.5
+  random_labels = jax.random.randint(label_rng, shape, 0, num_classes)
+  noised_labels = jnp.where(flip, random_labels, tiled_labels)
+  tiled_boxes = jnp.broadcast_to(boxes[:, None, None], shape + (4,))
+  xyxy = box_ops.cxcywh_to_xyxy(tiled_boxes)
+  half_wh = jnp.concatenate([tiled_boxes[..., 2:], tiled_boxes[..., 2:]], -1) / 2
+  sign = jnp.where(jax.random.bernoulli(sign_rng, 0.5, shape + (4,)), 1.0, -1.0)
+  magnitude = jax.random.uniform(magnitude_rng, shape + (4,))
+  is_negative = jnp.arange(2)[None, None, :, None, None] == 1
+  magnitude = jnp.where(is_negative, magnitude + 1.0, magnitude)
+  xyxy = jnp.clip(xyxy + sign * magnitude * half_wh * box_noise, 0.0, 1.0)
+  noised_boxes = box_ops.xyxy_to_cxcywh(xyxy)
+  noised_boxes = noised_boxes.at[..., 2:].set(jnp.maximum(noised_boxes[..., 2:], 1e-3))
+  target_index = jnp.broadcast_to(jnp.arange(num_targets)[None, None, None, :], shape)
+  is_positive = jnp.broadcast_to(~is_negative[..., 0], shape)
+  tiled_valid = jnp.broadcast_to(valid[:, None, None, :], shape)
+  flat = lambda x: x.reshape((batch, -1) + x.shape[4:])
+  return (flat(noised_labels), flat(noised_boxes), flat(target_index), flat(tiled_valid), flat(is_positive))
+
+
+def self_attention_mask(num_denoising, num_groups, num_matching, dn_valid):
+  """[B, 1, D+Q, D+Q] mask: matching queries never see denoising ones; each denoising group sees only itself.
+  Invalid (padded) denoising queries are hidden from everyone but themselves."""
+  total = num_denoising + num_matching
+  group = jnp.concatenate([jnp.repeat(jnp.arange(num_groups), num_denoising // max(num_groups, 1)),
+                           jnp.full((num_matching,), num_groups)])
+  allowed = group[:, None] == group[None, :]
+  allowed = allowed | ((group[:, None] < num_groups) & (group[None, :] == num_groups))
+  key_visible = jnp.concatenate([dn_valid, jnp.ones((dn_valid.shape[0], num_matching), bool)], axis=1)
+  allowed = allowed[None] & key_visible[:, None, :]
+  allowed = allowed | jnp.eye(total, dtype=bool)[None]
+  return allowed[:, None]
+
+
+class Detector(nn.Module):
+  num_classes: int
+  attribute_values: Sequence[int]
+  backbone_depth: int = 50
+  backbone_norm: str = 'frozen_bn'
+  backbone_width: int = 64
+  hidden_dim: int = 256
+  num_heads: int = 8
+  ffn_dim: int = 1024
+  num_encoder_layers: int = 1
+  num_decoder_layers: int = 6
+  num_queries: int = 300
+  num_points: int = 4
+  two_stage: bool = True
+  denoising_groups: int = 5
+  label_noise: float = 0.5
+  box_noise: float = 1.0
+  attribute_head: str = 'query'
+  roi_size: int = 7
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, image_mask, targets=None, train: bool = False):
+    """images [B, H, W, 3] normalized; image_mask [B, H, W] (1 = image, 0 = padding). `targets` (dict with
+    labels [B, T], boxes [B, T, 4], weight [B, T]) switches on the denoising queries when training."""
+    backbone = resnet.ResNet(depth=self.backbone_depth, norm=self.backbone_norm, width=self.backbone_width,
+                             dtype=self.dtype, name='backbone')
+    features = backbone(images.astype(self.dtype))
+    features = [features['stride8'], features['stride16'], features['stride32']]
+    masks = [jax.image.resize(image_mask.astype(jnp.float32), f.shape[:3], 'nearest') for f in features]
+    levels = HybridEncoder(self.hidden_dim, self.num_heads, self.ffn_dim, self.num_encoder_layers, self.dtype,
+                           name='encoder')(features, masks)
+    batch = images.shape[0]
+    shapes = [level.shape[1:3] for level in levels]
+    memory = jnp.concatenate([level.reshape(batch, -1, self.hidden_dim) for level in levels], axis=1)
+    anchors, usable = token_anchors(shapes, masks)
+    outputs = {}
+
+    # Two-stage query selection: the best-scoring encoder tokens give the initial boxes and contents.
+    encoded = nn.LayerNorm(dtype=self.dtype, name='enc_norm')(nn.Dense(self.hidden_dim, dtype=self.dtype,
+                                                                       name='enc_proj')(memory))
+    encoded = encoded * usable[..., None].astype(self.dtype)
+    enc_logits = nn.Dense(self.num_classes, dtype=self.dtype, name='enc_class',
+                          bias_init=nn.initializers.constant(-4.6))(encoded).astype(jnp.float32)
+    enc_boxes = jax.nn.sigmoid(MLP(self.hidden_dim, 4, 3, self.dtype, name='enc_box')(encoded).astype(jnp.float32)
+                               + box_ops.inverse_sigmoid(anchors))
+    if self.two_stage:
+      scores = jnp.where(usable, enc_logits.max(-1), _NEG_INF)
+      _, top = jax.lax.top_k(scores, self.num_queries)
+      take = jax.vmap(lambda x, i: x[i])
+      outputs['enc_logits'] = take(enc_logits, top)
+      outputs['enc_boxes'] = take(enc_boxes, top)
+      reference = jax.lax.stop_gradient(outputs['enc_boxes'])
+      content = jax.lax.stop_gradient(take(encoded, top))
+    else:
+      reference = jnp.broadcast_to(jax.nn.sigmoid(self.param(
+          'query_boxes', nn.initializers.uniform(4.0), (self.num_queries, 4)) - 2.0)[None],
+          (batch, self.num_queries, 4))
+      content = jnp.broadcast_to(self.param('query_content', nn.initializers.normal(0.02),
+                                            (self.num_queries, self.hidden_dim))[None],
+                                 (batch, self.num_queries, self.hidden_dim)).astype(self.dtype)
+
+    num_denoising = 0
+    attention_mask = None
+    if train and targets is not None and self.denoising_groups > 0:
+      dn_labels, dn_boxes, dn_target, dn_valid, dn_positive = denoising_queries(
+          self.make_rng('denoise'), targets['labels'], targets['boxes'], targets['weight'] > 0,
+          self.denoising_groups, self.num_classes, self.label_noise, self.box_noise)
+      label_embedding = nn.Embed(self.num_classes, self.hidden_dim, name='dn_label_embedding')
+      content = jnp.concatenate([label_embedding(dn_labels).astype(self.dtype), content], axis=1)
+      reference = jnp.concatenate([dn_boxes, reference], axis=1)
+      num_denoising = dn_labels.shape[1]
+      attention_mask = self_attention_mask(num_denoising, self.denoising_groups, self.num_queries, dn_valid)
+      outputs.update(dn_target_index=dn_target, dn_valid=dn_valid, dn_is_positive=dn_positive,
+                     dn_labels=jnp.where(dn_positive, jnp.take_along_axis(targets['labels'], dn_target, 1), -1))
+
+    query_position_mlp = MLP(self.hidden_dim, self.hidden_dim, 2, self.dtype, name='query_position')
+    queries = content
+    all_logits, all_boxes = [], []
+    for i in range(self.num_decoder_layers):
+      position = query_position_mlp(box_sine_embedding(reference, self.hidden_dim).astype(self.dtype))
+      queries = DecoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, len(levels), self.num_points,
+                             self.dtype, name=f'decoder{i}')(queries, position, reference, attention_mask,
+                                                            levels, masks)
+      delta = MLP(self.hidden_dim, 4, 3, self.dtype, zero_last=True, name=f'box_head{i}')(queries)
+      boxes = jax.nn.sigmoid(box_ops.inverse_sigmoid(reference) + delta.astype(jnp.float32))
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, bias_init=nn.initializers.constant(-4.6),
+                        name=f'class_head{i}')(queries).astype(jnp.float32)
+      all_logits.append(logits)
+      all_boxes.append(boxes)
+      reference = jax.lax.stop_gradient(boxes)
+
+    attribute_logits = AttributeHead(self.attribute_values, self.hidden_dim, roi_size=self.roi_size,
+                                     mode=self.attribute_head, dtype=self.dtype, name='attribute_head')(
+        queries, jax.lax.stop_gradient(all_boxes[-1]), levels[0], masks[0])
+    logits, boxes = jnp.stack(all_logits), jnp.stack(all_boxes)
+    outputs.update(pred_logits=logits[:, :, num_denoising:], pred_boxes=boxes[:, :, num_denoising:],
+                   attribute_logits=attribute_logits[:, num_denoising:])
+    if num_denoising:
+      outputs.update(dn_logits=logits[:, :, :num_denoising], dn_boxes=boxes[:, :, :num_denoising],
+                     dn_attribute_logits=attribute_logits[:, :num_denoising])
+    return outputs

@@ -1,0 +1,46 @@
+"""Moving host arrays onto the local devices for pmap, without the APIs removed in JAX 0.10.
+
+Arrays are placed with the same sharding that pmap gives its outputs (a 1-D mesh named after the pmap axis),
+so a step's outputs can be fed back without a recompilation."""
+
+import collections
+from typing import Iterator
+
+import jax
+import numpy as np
+
+AXIS = 'batch'  # the pmap axis name of every step function
+
+
+def _put_leading_axis(x, devices):
+  mesh = jax.sharding.Mesh(np.asarray(devices[:x.shape[0]]), (AXIS,))
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+
+
+def shard(tree):
+  """Host arrays [local_devices, ...] -> device arrays split along the leading axis."""
+  devices = jax.local_devices()
+  return jax.tree_util.tree_map(lambda x: _put_leading_axis(np.asarray(x), devices), tree)
+
+
+def replicate(tree):
+  """One copy of every leaf on each local device (leading axis = devices)."""
+  devices = jax.local_devices()
+  return jax.tree_util.tree_map(
+      lambda x: _put_leading_axis(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), devices), tree)
+
+
+def unreplicate(tree):
+  """The first device's copy of a replicated tree, as host numpy arrays."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
+
+
+def prefetch_to_devices(iterator, size=2) -> Iterator:
+  """Shards host batches onto the devices `size` batches ahead, so the step never waits on the transfer."""
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append(shard(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
