@@ -222,7 +222,12 @@ class _SigtermFlag:
     self.raised = True
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, stop_at_step=None):
+  """Trains (resuming from `workdir`), evaluates periodically and returns the final host state.
+
+  `stop_at_step` ends the run early after saving a checkpoint there (a time-sliced job); the schedule still
+  follows `config.total_steps`, so a later call continues exactly where this one stopped.
+  """
   if config.distributed.initialize:
     kwargs = {}
     if config.distributed.coordinator_address:
@@ -235,6 +240,8 @@ def train_and_evaluate(config, workdir):
   info = input_pipeline.dataset_info(builder)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, 'class_names.json'), 'w') as f:
+    json.dump(list(info.class_names), f)
   model = create_model(config, info.num_classes)
   state, tx = create_train_state(model, config, jax.random.PRNGKey(config.seed))
   latest_manager, best_manager = checkpoint_managers(workdir, config)
@@ -280,12 +287,12 @@ def train_and_evaluate(config, workdir):
         raise FloatingPointError(
             f'{in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); their updates were '
             f'skipped and the last good checkpoint is step {latest_manager.latest_step()} in {workdir}')
-    if sigterm.raised:
-      logging.warning('SIGTERM: saving step %d and exiting', step)
+    if sigterm.raised or step == stop_at_step:
+      logging.warning('%s: saving step %d and exiting', 'SIGTERM' if sigterm.raised else 'stop_at_step', step)
       save(step, replicated)
       latest_manager.wait_until_finished()
       writer.flush()
-      return None
+      return sharding.unreplicate(replicated)
     if step % config.checkpoint_every_steps == 0 or is_last:
       save(step, replicated)
     if step % config.eval_every_steps == 0 or is_last:

@@ -1,0 +1,121 @@
+"""End to end on a tiny config with 2 simulated devices: train, checkpoint, resume, evaluate, predict."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic_demo
+from lld_jax import evaluate
+from lld_jax import train
+from tfds_lld import synthetic
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(download, data_dir):
+  c = synthetic_demo.get_config()
+  c.total_steps = 4
+  c.per_device_batch_size = 1
+  c.image_size = 64
+  c.max_objects = 8
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 2
+  c.shuffle_buffer = 8
+  c.dataset.manual_dir = str(download)
+  c.dataset.data_dir = str(data_dir)
+  c.model.backbone_width = 8
+  c.model.hidden_dim = 32
+  c.model.num_heads = 2
+  c.model.ffn_dim = 64
+  c.model.num_decoder_layers = 1
+  c.model.num_queries = 8
+  c.model.denoising_groups = 1
+  c.model.roi_size = 3
+  c.eval.max_detections = 8
+  return c
+
+
+@pytest.fixture(scope='module')
+def download(tmp_path_factory):
+  root = tmp_path_factory.mktemp('lld')
+  synthetic.generate(str(root / 'download'), 'coco', subsets=('H_100x_C1',), patients=3, images_per_patient=2,
+                     seed=1)
+  return root
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_two_devices_are_simulated():
+  assert jax.local_device_count() == 2
+
+
+def test_train_resume_evaluate_predict(download, tmp_path):
+  config = tiny_config(download / 'download', download / 'tfds')
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  assert int(uninterrupted.step) == 4
+
+  interrupted_dir = str(tmp_path / 'interrupted')
+  first_half = train.train_and_evaluate(config, interrupted_dir, stop_at_step=2)
+  assert int(first_half.step) == 2
+  resumed = train.train_and_evaluate(config, interrupted_dir)
+  assert int(resumed.step) == 4
+  assert _leaves_equal(resumed.params, uninterrupted.params)
+  assert _leaves_equal(resumed.opt_state, uninterrupted.opt_state)
+  assert _leaves_equal(resumed.ema_params, uninterrupted.ema_params)
+
+  from lld_jax import input_pipeline
+  builder = input_pipeline.load_builder('lld', 'full', config.dataset.data_dir)
+  model, state = evaluate.restore_for_inference(config, interrupted_dir, 14)
+  result = evaluate.evaluate_split(model, state, builder, 'test', config)
+  evaluate.write_evaluation(result, os.path.join(interrupted_dir, 'eval', 'test'))
+  with open(os.path.join(interrupted_dir, 'eval', 'test', 'metrics.json')) as f:
+    metrics = json.load(f)
+  assert metrics['num_images'] == builder.info.splits['test'].num_examples
+  for key in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper',
+              'domains/H_100x_C1/mAP50'):
+    assert key in metrics
+
+  from lld_jax import predict
+  images = sorted((download / 'download' / 'H_100x_C1' / 'Images' / 'test').glob('*.png'))
+  summary = predict.run(interrupted_dir, str(images[0]), str(tmp_path / 'predict'), score_threshold=0.0)
+  assert os.path.exists(tmp_path / 'predict' / 'detections.json')
+  assert summary is not None
+
+
+_PARSE_SCRIPT = """
+import sys
+from absl import flags
+from ml_collections import config_flags
+config_flags.DEFINE_config_file('config', None, 'config', lock_config=True)
+flags.FLAGS(['prog'] + sys.argv[1:])
+print(flags.FLAGS.config.to_json())
+"""
+
+
+def _parse(argv):
+  """Parses a command line exactly as `python -m lld_jax.train` does (config file locked)."""
+  result = subprocess.run([sys.executable, '-c', _PARSE_SCRIPT] + argv, capture_output=True, text=True,
+                          cwd=REPO_ROOT, check=False)
+  if result.returncode:
+    raise ValueError(result.stderr)
+  return json.loads(result.stdout)
+
+
+def test_config_overrides():
+  config = _parse(['--config=configs/synthetic_demo.py', '--config.total_steps=7',
+                   '--config.model.num_queries=12', '--config.dataset.manual_dir=/data/lld'])
+  assert config['total_steps'] == 7 and config['model']['num_queries'] == 12
+  assert config['dataset']['manual_dir'] == '/data/lld'
+
+
+def test_misspelled_override_fails():
+  with pytest.raises(ValueError, match='totl_steps'):
+    _parse(['--config=configs/synthetic_demo.py', '--config.totl_steps=7'])
