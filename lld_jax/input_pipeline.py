@@ -12,7 +12,6 @@ Evaluation batches keep every image: the last batch is padded and `example_valid
 
 import dataclasses
 import jax
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
