@@ -24,7 +24,8 @@ def _matched_layer_losses(logits, boxes, targets, weights: matching.CostWeights,
   """Class and box losses of one set of predictions after Hungarian matching; returns (losses, assignment)."""
   query_for_target, query_in_region = matching.batched_match(
       logits, boxes, targets['labels'], targets['boxes'], targets['weight'] > 0, targets['annotation_mask'],
-      weights, attribute_logits, targets['attributes'] if attribute_logits is not None else None)
+      weights, attribute_logits, targets['attributes'] if attribute_logits is not None else None,
+      ~targets['is_pseudo'] if 'is_pseudo' in targets else None)
   query_labels, query_boxes, query_weight, is_matched = losses.matched_query_targets(
       query_for_target, targets['labels'], targets['boxes'], targets['weight'], query_in_region, logits.shape[1])
   quality = box_ops.iou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(query_boxes))
@@ -60,7 +61,7 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
   """Total weighted loss and a dict of its terms.
 
   targets: labels [B, T], boxes [B, T, 4] normalized cxcywh, attributes [B, T, A] (-1 = n/a), weight [B, T]
-  (1 real, pseudo-label weight, 0 padding), annotation_mask [B, h, w].
+  (1 real, pseudo-label weight, 0 padding), annotation_mask [B, h, w], optionally is_pseudo [B, T].
   loss_config: class_loss, class/l1/giou/attribute weights, aux_loss, matcher cost weights.
   """
   weights = matching.CostWeights(

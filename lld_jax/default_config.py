@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pseudo_labels.weight = 0.1
   c.pseudo_labels.warmup_steps = 1000
   c.pseudo_labels.attributes = False
+  c.pseudo_labels.max_per_image = 16
 
   c.nonfinite = ml_collections.ConfigDict()
   c.nonfinite.policy = 'skip'  # 'skip' the update or 'stop' training

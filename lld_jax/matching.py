@@ -61,8 +61,12 @@ def points_in_mask(points, mask):
 
 
 def matching_cost(pred_logits, pred_boxes, target_labels, target_boxes, target_valid, query_in_region,
-                  weights: CostWeights, pred_attribute_logits=None, target_attributes=None):
-  """[Q, T] cost matrix for one image. Boxes are normalized cxcywh."""
+                  weights: CostWeights, pred_attribute_logits=None, target_attributes=None, target_restricted=None):
+  """[Q, T] cost matrix for one image. Boxes are normalized cxcywh.
+
+  `target_restricted` [T] marks the targets that the region rule applies to (default: all); pseudo-labels,
+  which lie outside the annotated region by construction, are exempt.
+  """
   cost = weights.class_weight * focal_class_cost(
       pred_logits, target_labels, weights.focal_alpha, weights.focal_gamma)
   cost += weights.l1_weight * jnp.abs(pred_boxes[:, None, :] - target_boxes[None, :, :]).sum(-1)
@@ -73,7 +77,9 @@ def matching_cost(pred_logits, pred_boxes, target_labels, target_boxes, target_v
   # Non-finite predictions must not break the assignment; they are caught by the train step's guard.
   cost = jnp.nan_to_num(cost, nan=OUTSIDE_REGION_PENALTY, posinf=OUTSIDE_REGION_PENALTY,
                         neginf=-OUTSIDE_REGION_PENALTY)
-  cost = jnp.where(query_in_region[:, None], cost, cost + OUTSIDE_REGION_PENALTY)
+  if target_restricted is None:
+    target_restricted = jnp.ones(target_labels.shape, bool)
+  cost = jnp.where(query_in_region[:, None] | ~target_restricted[None, :], cost, cost + OUTSIDE_REGION_PENALTY)
   return jnp.where(target_valid[None, :], cost, PADDED_TARGET_COST)
 
 
@@ -87,23 +93,25 @@ def hungarian_match(cost):
 
 
 def match(pred_logits, pred_boxes, target_labels, target_boxes, target_valid, annotation_mask,
-          weights: CostWeights, pred_attribute_logits=None, target_attributes=None):
+          weights: CostWeights, pred_attribute_logits=None, target_attributes=None, target_restricted=None):
   """Query index per target [T] for one image, and whether each query [Q] lies in the annotated region."""
   query_in_region = points_in_mask(pred_boxes[:, :2], annotation_mask)
   cost = matching_cost(pred_logits, pred_boxes, target_labels, target_boxes, target_valid, query_in_region,
-                       weights, pred_attribute_logits, target_attributes)
+                       weights, pred_attribute_logits, target_attributes, target_restricted)
   return jax.lax.stop_gradient(hungarian_match(jax.lax.stop_gradient(cost))), query_in_region
 
 
 def batched_match(pred_logits, pred_boxes, target_labels, target_boxes, target_valid, annotation_mask,
-                  weights: CostWeights, pred_attribute_logits=None, target_attributes=None):
+                  weights: CostWeights, pred_attribute_logits=None, target_attributes=None, target_restricted=None):
   """`match` over a leading batch axis."""
-  if pred_attribute_logits is None:
-    return jax.vmap(lambda *a: match(*a, weights))(
-        pred_logits, pred_boxes, target_labels, target_boxes, target_valid, annotation_mask)
-  return jax.vmap(lambda l, b, tl, tb, tv, m, al, ta: match(l, b, tl, tb, tv, m, weights, al, ta))(
-      pred_logits, pred_boxes, target_labels, target_boxes, target_valid, annotation_mask,
-      pred_attribute_logits, target_attributes)
+  arrays = dict(pred_attribute_logits=pred_attribute_logits, target_attributes=target_attributes,
+                target_restricted=target_restricted)
+  present = {k: v for k, v in arrays.items() if v is not None}
+
+  def one(l, b, tl, tb, tv, m, extra):
+    return match(l, b, tl, tb, tv, m, weights, **extra)
+
+  return jax.vmap(one)(pred_logits, pred_boxes, target_labels, target_boxes, target_valid, annotation_mask, present)
 
 
 def queries_to_targets(query_for_target, target_valid, num_queries):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lld_jax import criterion
+from lld_jax import pseudo_labels
 from lld_jax import sharding
 from lld_jax.models import detector as detector_lib
 from lld_jax.models import resnet
@@ -43,6 +44,10 @@ def backbone_depth(name: str) -> int:
 
 def create_model(config, num_classes) -> detector_lib.Detector:
   m = config.model
+  most_targets = config.max_objects + (config.pseudo_labels.max_per_image if config.pseudo_labels.enabled else 0)
+  if m.num_queries < most_targets:
+    raise ValueError(f'model.num_queries={m.num_queries} is below the most targets an image can have '
+                     f'({most_targets} = max_objects + pseudo-label slots): every target needs a query')
   return detector_lib.Detector(
       num_classes=num_classes, attribute_values=lld_format.NUM_ATTRIBUTE_VALUES,
       backbone_depth=backbone_depth(m.backbone), backbone_norm=m.backbone_norm, backbone_width=m.backbone_width,
@@ -119,6 +124,14 @@ def train_step(state: TrainState, batch, *, model, tx, config):
   """One data-parallel step; runs per device inside pmap (axis name 'batch')."""
   step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
   targets = {k: batch[k] for k in ('labels', 'boxes', 'attributes', 'weight', 'annotation_mask')}
+  pseudo = config.pseudo_labels
+  if pseudo.enabled:
+    teacher = model.apply({'params': state.ema_params, **state.model_state}, batch['image'], batch['image_mask'],
+                          train=False)
+    targets = pseudo_labels.select(
+        teacher['pred_logits'][-1], teacher['pred_boxes'][-1], teacher['attribute_logits'], targets, state.step,
+        threshold=pseudo.threshold, weight=pseudo.weight, warmup_steps=pseudo.warmup_steps,
+        max_pseudo=pseudo.max_per_image, with_attributes=pseudo.attributes)
 
   def loss_fn(params):
     outputs = model.apply({'params': params, **state.model_state}, batch['image'], batch['image_mask'], targets,
@@ -150,6 +163,8 @@ def train_step(state: TrainState, batch, *, model, tx, config):
              'grad_norm': optax.global_norm(grads), 'nonfinite_step': (~finite).astype(jnp.float32),
              'num_targets': jax.lax.psum(batch['weight'].sum(), AXIS),
              'num_truncated_targets': jax.lax.psum(batch['num_truncated'].sum(), AXIS)}
+  if pseudo.enabled:
+    metrics['num_pseudo_labels'] = jax.lax.psum(targets['is_pseudo'].sum(), AXIS)
   return new_state, metrics
 
 

@@ -1,0 +1,48 @@
+"""Pseudo-labels from the unlabelled part of a sparsely annotated field of view (static shapes, jit-safe).
+
+The teacher (the EMA model) predicts on the whole image. A detection becomes an extra target when its score
+passes the threshold, its box centre lies outside the annotated region, it does not overlap a labelled cell, and
+the training step is past the warm-up. Extra targets carry a small loss weight; they are appended to the real
+targets in `max_pseudo` fixed slots, with weight 0 in the unused ones.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from lld_jax import boxes as box_ops
+from lld_jax import matching
+
+
+def select(teacher_logits, teacher_boxes, teacher_attribute_logits, targets, step, *, threshold, weight,
+           warmup_steps, max_pseudo, with_attributes=False, overlap_iou=0.1):
+  """Targets with up to `max_pseudo` pseudo-labels appended per image.
+
+  teacher_logits [B, Q, K], teacher_boxes [B, Q, 4] (normalized cxcywh), teacher_attribute_logits [B, Q, A, V];
+  targets: labels [B, T], boxes [B, T, 4], attributes [B, T, A], weight [B, T], annotation_mask [B, h, w].
+  The result has T + max_pseudo slots and an `is_pseudo` [B, T + max_pseudo] flag.
+  """
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  teacher_boxes = jax.lax.stop_gradient(teacher_boxes)
+  scores = jax.nn.sigmoid(teacher_logits.astype(jnp.float32))
+  best_score, best_label = scores.max(-1), scores.argmax(-1)
+  outside = ~jax.vmap(matching.points_in_mask)(teacher_boxes[..., :2], targets['annotation_mask'])
+  overlap = box_ops.pairwise_iou(box_ops.cxcywh_to_xyxy(teacher_boxes), box_ops.cxcywh_to_xyxy(targets['boxes']))
+  over_labelled = ((overlap > overlap_iou) & (targets['weight'] > 0)[:, None, :]).any(-1)
+  eligible = (best_score > threshold) & outside & ~over_labelled & (step >= warmup_steps)
+  ranked = jnp.where(eligible, best_score, -1.0)
+  top_score, top = jax.lax.top_k(ranked, max_pseudo)
+  take = lambda values: jax.vmap(lambda v, i: v[i])(values, top)
+  chosen = top_score > 0
+  num_attributes = targets['attributes'].shape[-1]
+  if with_attributes:
+    pseudo_attributes = take(jax.lax.stop_gradient(teacher_attribute_logits).argmax(-1)).astype(jnp.int32)
+  else:
+    pseudo_attributes = jnp.full(top.shape + (num_attributes,), -1, jnp.int32)
+  pseudo_attributes = jnp.where(chosen[..., None], pseudo_attributes, -1)
+  extended = dict(targets)
+  extended['labels'] = jnp.concatenate([targets['labels'], jnp.where(chosen, take(best_label), 0)], 1)
+  extended['boxes'] = jnp.concatenate([targets['boxes'], take(teacher_boxes).astype(targets['boxes'].dtype)], 1)
+  extended['attributes'] = jnp.concatenate([targets['attributes'], pseudo_attributes], 1)
+  extended['weight'] = jnp.concatenate([targets['weight'], jnp.where(chosen, weight, 0.0)], 1)
+  extended['is_pseudo'] = jnp.concatenate([jnp.zeros_like(targets['weight'], bool), chosen], 1)
+  return extended
