@@ -1,0 +1,417 @@
+r"""Performance benchmark of the detector: compile time, training throughput, FLOPs and MFU, matcher share,
+input pipeline, inference, memory, 1 -> 2 device scaling and a recompilation check.
+
+  python scripts/benchmark.py --config=configs/NAME.py --out=FILE.json [--config.key=value ...] [--steps=N]
+      [--synthetic_batches] [--skip_scaling]
+
+Writes FILE.json and prints it. Keys (rates are per second of wall time, measured after warm-up):
+  compile_s               lower + compile of the pmapped train step
+  train_images_per_s      pmapped train step on device-resident batches (global batch / step time)
+  train_step_flops        FLOPs of one global step (XLA cost analysis of the per-device program x devices)
+  train_flops_per_s       train_step_flops x steps/s
+  matmul_peak_flops_per_s one device's measured peak (bf16 8192^2 matmul on GPU/TPU, f32 2048^2 on CPU)
+  mfu                     train_flops_per_s / (matmul peak x devices; x1 on CPU, whose devices share the cores)
+  matcher_fraction        Hungarian matching time per step (vmapped over the per-device batch, times the number
+                          of matchings per step) / step time
+  pipeline_images_per_s   input_pipeline.train_dataset as numpy on the host (null with --synthetic_batches or
+                          when the dataset is not available; then the train step runs on random batches)
+  infer_images_per_s_b1/_b8  jitted train.predict_step on one device
+  peak_rss_gb, device_peak_memory_gb   process max RSS and device peak_bytes_in_use (GiB)
+  scaling_2dev            train throughput on 2 devices / on 1 device (same per-device batch), from subprocesses
+                          of this script with --only_train_throughput; null with a reason in scaling_2dev_note
+  recompiles_after_first_step  backend compilations of the train step after its first call, with the outputs
+                          fed back and the state donated as in training; the script exits 1 unless it is 0
+"""
+
+import functools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lld_jax import input_pipeline  # noqa: E402  (hides the GPUs from TensorFlow)
+from lld_jax import matching  # noqa: E402
+from lld_jax import sharding  # noqa: E402
+from lld_jax import train  # noqa: E402
+from tfds_lld import lld_format  # noqa: E402
+
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.DEFINE_string('out', None, 'Where to write the JSON results.')
+flags.DEFINE_integer('steps', None, 'Timed train steps (at least); default 10 on CPU, 50 on accelerators.')
+flags.DEFINE_integer('warmup_steps', 2, 'Untimed train steps after the first call.')
+flags.DEFINE_integer('pipeline_batches', None, 'Host batches timed for the input pipeline (default = --steps).')
+flags.DEFINE_integer('infer_repeats', None, 'Timed predict calls per batch size (default 5 on CPU, 20 else).')
+flags.DEFINE_bool('synthetic_batches', False, 'Random batches instead of the dataset; pipeline_images_per_s=null.')
+flags.DEFINE_bool('skip_scaling', False, 'Do not measure the 1 -> 2 device scaling.')
+flags.DEFINE_bool('only_train_throughput', False, 'Internal (scaling subprocesses): only the train throughput.')
+flags.mark_flags_as_required(['config', 'out'])
+FLAGS = flags.FLAGS
+
+_STEPS = [None]  # the resolved --steps, for the subprocesses
+COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+
+class CompileCounter:
+  """Counts XLA backend compilations (jax.monitoring events) while `active`."""
+
+  def __init__(self):
+    self.active = False
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    del duration, kwargs
+    if self.active and event == COMPILE_EVENT:
+      self.count += 1
+
+
+def block(tree):
+  return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, 'block_until_ready') else x, tree)
+
+
+def total_flops(compiled):
+  """Sum of 'flops' of a compiled executable's cost analysis (a dict, or a list of dicts in older JAX)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning('cost_analysis failed: %s', error)
+    return None
+  if analysis is None:
+    return None
+  if isinstance(analysis, dict):
+    analysis = [analysis]
+  flops = [float(a.get('flops', 0.0)) for a in analysis if a]
+  return sum(flops) if flops else None
+
+
+def num_classes_for(config):
+  """Class count from the TFDS builder's static info (no data needed), else LLD's."""
+  try:
+    import tensorflow_datasets as tfds
+    import tfds_lld.lld  # noqa: F401
+    import tfds_lld.txl_pbc  # noqa: F401
+    builder = tfds.builder(f'{config.dataset.name}/{config.dataset.config}',
+                           data_dir=config.dataset.data_dir or None)
+    return builder.info.features['objects']['label'].num_classes
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning('class count from the builder failed (%s); using LLD\'s %d', error, lld_format.NUM_CLASSES)
+    return lld_format.NUM_CLASSES
+
+
+def random_batch(config, num_devices, num_classes, seed=0):
+  """Host batch [devices, per_device_batch, ...] shaped like input_pipeline.train_dataset's."""
+  rng = np.random.default_rng(seed)
+  lead = (num_devices, config.per_device_batch_size)
+  size, t = config.image_size, config.max_objects
+  centre = rng.uniform(0.2, 0.8, lead + (t, 2))
+  wh = rng.uniform(0.02, 0.2, lead + (t, 2))
+  attributes = np.stack([rng.integers(0, v, lead + (t,)) for v in lld_format.NUM_ATTRIBUTE_VALUES], -1)
+  return {
+      'image': rng.standard_normal(lead + (size, size, 3), dtype=np.float32),
+      'image_mask': np.ones(lead + (size, size), np.float32),
+      'boxes': np.concatenate([centre, wh], -1).astype(np.float32),
+      'labels': rng.integers(0, num_classes, lead + (t,)).astype(np.int32),
+      'attributes': attributes.astype(np.int32),
+      'weight': np.ones(lead + (t,), np.float32),
+      'annotation_mask': np.ones(lead + (size // input_pipeline.MASK_STRIDE,) * 2, np.float32),
+      'num_truncated': np.zeros(lead, np.int32),
+  }
+
+
+def load_dataset(config):
+  """(builder, None) when the config's dataset is built or buildable from its manual_dir, else (None, reason)."""
+  import tensorflow_datasets as tfds
+  import tfds_lld.lld  # noqa: F401
+  import tfds_lld.txl_pbc  # noqa: F401
+  d = config.dataset
+  try:
+    builder = tfds.builder(f'{d.name}/{d.config}', data_dir=d.data_dir or None)
+    if not builder.is_prepared() and not (d.manual_dir and os.path.isdir(d.manual_dir)):
+      return None, (f'dataset {d.name}/{d.config} is not built in {builder.data_dir} and manual_dir '
+                    f'{d.manual_dir!r} does not exist')
+    return input_pipeline.load_builder(d.name, d.config, d.data_dir or None, d.manual_dir or None), None
+  except Exception as error:  # pylint: disable=broad-except
+    return None, f'dataset not available: {type(error).__name__}: {error}'
+
+
+def time_pipeline(builder, config, num_devices, num_batches):
+  ds = input_pipeline.train_dataset(builder, config.dataset.train_split, config, num_devices, config.seed)
+  it = ds.as_numpy_iterator()
+  first = next(it)  # builds the pipeline, fills the first shuffle buffer
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  elapsed = time.perf_counter() - start
+  images = num_batches * num_devices * config.per_device_batch_size
+  return images / elapsed, first
+
+
+def matmul_peak(platform, repeats=5):
+  if platform == 'cpu':
+    n, dtype = 2048, jnp.float32
+  else:
+    n, dtype = 8192, jnp.bfloat16
+  ka, kb = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+def matcher_seconds(config, repeats):
+  """Seconds of one vmapped Hungarian matching over the per-device batch (random costs)."""
+  shape = (config.per_device_batch_size, config.model.num_queries, config.max_objects)
+  cost = jax.random.uniform(jax.random.PRNGKey(1), shape)
+  f = jax.jit(jax.vmap(matching.hungarian_match))
+  block(f(cost))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block(f(cost))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def matchings_per_step(config):
+  m = config.model
+  return (m.num_decoder_layers if config.loss.aux_loss else 1) + (1 if m.two_stage else 0)
+
+
+def time_predict(model, variables, config, batch_size, repeats):
+  device = jax.local_devices()[0]
+  size = config.image_size
+  rng = np.random.default_rng(2)
+  batch = {'image': jax.device_put(rng.standard_normal((batch_size, size, size, 3), dtype=np.float32), device),
+           'image_mask': jax.device_put(np.ones((batch_size, size, size), np.float32), device)}
+  variables = jax.device_put(variables, device)
+  f = jax.jit(functools.partial(train.predict_step, model=model))
+  block(f(variables, batch))
+  block(f(variables, batch))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = f(variables, batch)
+  block(out)
+  return batch_size * repeats / (time.perf_counter() - start)
+
+
+def scaling_subprocess(num_devices, platform, argv_config_overrides):
+  """train_images_per_s of this script run with `num_devices` devices and --only_train_throughput."""
+  env = dict(os.environ)
+  if platform == 'cpu':
+    flags_ = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device')]
+    env['XLA_FLAGS'] = ' '.join(flags_ + [f'--xla_force_host_platform_device_count={num_devices}'])
+    env['JAX_PLATFORMS'] = 'cpu'
+  else:  # GPU
+    visible = env.get('CUDA_VISIBLE_DEVICES')
+    ids = visible.split(',') if visible else [str(i) for i in range(jax.local_device_count())]
+    env['CUDA_VISIBLE_DEVICES'] = ','.join(ids[:num_devices])
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'scaling.json')
+    cmd = [sys.executable, os.path.abspath(__file__), f'--config={config_path()}',
+           f'--out={out}', '--only_train_throughput', '--skip_scaling', '--synthetic_batches',
+           f'--steps={_STEPS[0]}', f'--warmup_steps={FLAGS.warmup_steps}'] + argv_config_overrides
+    logging.info('scaling subprocess: %s', ' '.join(cmd))
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      raise RuntimeError(f'scaling subprocess ({num_devices} devices) failed with {result.returncode}:\n'
+                         f'{result.stderr[-3000:]}')
+    with open(out) as f:
+      data = json.load(f)
+  if data['num_devices'] != num_devices:
+    raise RuntimeError(f'scaling subprocess saw {data["num_devices"]} devices, expected {num_devices}')
+  return data['train_images_per_s']
+
+
+def config_path():
+  return config_flags.get_config_filename(FLAGS['config'])
+
+
+def config_overrides():
+  """The --config.key=value arguments of this invocation, to pass on to subprocesses."""
+  out = []
+  args = sys.argv[1:]
+  i = 0
+  while i < len(args):
+    a = args[i]
+    if a.startswith('--config.'):
+      if '=' in a:
+        out.append(a)
+      elif i + 1 < len(args):
+        out.extend([a, args[i + 1]])
+        i += 1
+    i += 1
+  return out
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  platform = jax.default_backend()
+  steps = FLAGS.steps or (10 if platform == 'cpu' else 50)
+  _STEPS[0] = steps
+  devices = jax.local_devices()
+  num_devices = len(devices)
+  global_batch = num_devices * config.per_device_batch_size
+  counter = CompileCounter()
+  results = {
+      'config': os.path.splitext(os.path.basename(config_path()))[0],
+      'config_overrides': config_overrides(),
+      'device': devices[0].device_kind, 'platform': platform, 'num_devices': num_devices,
+      'jax_version': jax.__version__, 'image_size': config.image_size,
+      'per_device_batch': config.per_device_batch_size, 'global_batch': global_batch, 'steps': steps,
+      'dtype': config.model.dtype, 'host_cpu_count': os.cpu_count(),
+      'host_load_avg_at_start': list(os.getloadavg()),
+  }
+
+  # Data: the real pipeline if available (and not --synthetic_batches), else random batches.
+  builder, reason = (None, '--synthetic_batches') if FLAGS.synthetic_batches else load_dataset(config)
+  if builder is not None:
+    num_classes = input_pipeline.dataset_info(builder).num_classes
+    pipeline_rate, host_batch = time_pipeline(builder, config, num_devices, FLAGS.pipeline_batches or steps)
+    results['pipeline_images_per_s'] = pipeline_rate
+    results['batches'] = 'dataset'
+  else:
+    num_classes = num_classes_for(config)
+    host_batch = random_batch(config, num_devices, num_classes)
+    if not FLAGS.only_train_throughput:
+      results['pipeline_images_per_s'] = None
+      results['pipeline_note'] = reason
+    results['batches'] = 'random'
+  results['num_classes'] = num_classes
+  host_batch = {k: v for k, v in host_batch.items()
+                if k in ('image', 'image_mask', 'boxes', 'labels', 'attributes', 'weight', 'annotation_mask',
+                         'num_truncated')}
+
+  model = train.create_model(config, num_classes)
+  state, tx = train.create_train_state(model, config, jax.random.PRNGKey(config.seed))
+  host_variables = None if FLAGS.only_train_throughput else jax.device_get(train.model_variables(state, False))
+  replicated = sharding.replicate(state)
+  del state
+  batch = sharding.shard(host_batch)
+  p_step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx, config=config),
+                    axis_name=train.AXIS, donate_argnums=(0,))
+
+  start = time.perf_counter()
+  compiled = p_step.lower(replicated, batch).compile()
+  results['compile_s'] = time.perf_counter() - start
+  per_device_flops = total_flops(compiled)
+  del compiled
+
+  # First call (may reuse the AOT executable), then warm-up, then the timed steps, outputs fed back.
+  replicated, metrics = p_step(replicated, batch)
+  block((replicated, metrics))
+  counter.active = True
+  for _ in range(FLAGS.warmup_steps):
+    replicated, metrics = p_step(replicated, batch)
+  block((replicated, metrics))
+  start = time.perf_counter()
+  for _ in range(steps):
+    replicated, metrics = p_step(replicated, batch)
+  block((replicated, metrics))
+  step_s = (time.perf_counter() - start) / steps
+  counter.active = False
+  recompiles = counter.count
+  results['train_step_s'] = step_s
+  results['train_images_per_s'] = global_batch / step_s
+  results['recompiles_after_first_step'] = recompiles
+  loss = float(jax.device_get(metrics['loss'])[0])
+  results['final_loss'] = loss
+
+  if FLAGS.only_train_throughput:
+    write(results)
+    return
+
+  results['train_step_flops'] = None if per_device_flops is None else per_device_flops * num_devices
+  results['train_flops_per_s'] = None if per_device_flops is None else per_device_flops * num_devices / step_s
+  peak = matmul_peak(platform)
+  results['matmul_peak_flops_per_s'] = peak
+  peak_total = peak if platform == 'cpu' else peak * num_devices
+  results['mfu'] = None if per_device_flops is None else results['train_flops_per_s'] / peak_total
+  results['mfu_note'] = ('FLOPs from XLA cost_analysis (while-loop bodies such as the Hungarian solver are '
+                         'counted once); peak = measured matmul' + ('' if platform == 'cpu' or num_devices == 1
+                                                                    else ' x devices'))
+
+  del replicated, batch, metrics
+  match_s = matcher_seconds(config, repeats=5 if platform == 'cpu' else 20)
+  n_match = matchings_per_step(config)
+  results['matcher_s_per_matching'] = match_s
+  results['matchings_per_step'] = n_match
+  results['matcher_fraction'] = match_s * n_match / step_s
+
+  repeats = FLAGS.infer_repeats or (5 if platform == 'cpu' else 20)
+  results['infer_images_per_s_b1'] = time_predict(model, host_variables, config, 1, repeats)
+  results['infer_images_per_s_b8'] = time_predict(model, host_variables, config, 8, repeats)
+
+  if FLAGS.skip_scaling:
+    results['scaling_2dev'] = None
+    results['scaling_2dev_note'] = '--skip_scaling'
+  elif platform == 'cpu' or (platform == 'gpu' and num_devices >= 2):
+    try:
+      overrides = config_overrides()
+      if num_devices == 1 and results['batches'] == 'random':
+        one = results['train_images_per_s']  # this process ran the same 1-device program: no recompile
+      else:
+        one = scaling_subprocess(1, platform, overrides)
+      two = scaling_subprocess(2, platform, overrides)
+      results['train_images_per_s_1dev'] = one
+      results['train_images_per_s_2dev'] = two
+      results['scaling_2dev'] = two / one
+      results['scaling_2dev_note'] = (
+          '2 devices: a subprocess with --synthetic_batches, same per-device batch; 1 device: ' +
+          ('this run' if num_devices == 1 and results['batches'] == 'random' else 'a subprocess') +
+          ('; CPU devices from --xla_force_host_platform_device_count share the same cores'
+           if platform == 'cpu' else ''))
+    except RuntimeError as error:
+      results['scaling_2dev'] = None
+      results['scaling_2dev_note'] = str(error)[-500:]
+  else:
+    results['scaling_2dev'] = None
+    results['scaling_2dev_note'] = (f'{num_devices} {platform} device(s) on this machine: a 2-device run needs '
+                                    'at least 2 real accelerators')
+
+  results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+  try:
+    stats = devices[0].memory_stats()
+    if stats and 'peak_bytes_in_use' in stats:
+      results['device_peak_memory_gb'] = stats['peak_bytes_in_use'] / 2 ** 30
+  except Exception:  # pylint: disable=broad-except
+    pass
+  results['host_load_avg_at_end'] = list(os.getloadavg())
+  write(results)
+  if recompiles != 0:
+    print(f'FAILED: the train step compiled {recompiles} more time(s) after its first call (outputs fed back, '
+          'state donated)', file=sys.stderr)
+    sys.exit(1)
+
+
+def write(results):
+  text = json.dumps(results, indent=2)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out, 'w') as f:
+    f.write(text + '\n')
+  print(text)
+
+
+if __name__ == '__main__':
+  app.run(main)
