@@ -1,0 +1,190 @@
+"""The detector on a tiny configuration: output shapes under jit, eval mode, denoising queries that cannot leak
+into the matching queries, and the self-attention mask that guarantees it."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lld_jax.models import detector
+
+NUM_CLASSES = 3
+ATTRIBUTE_VALUES = (3, 2, 2, 2, 2, 2, 2)
+NUM_QUERIES, GROUPS, MAX_TARGETS, LAYERS, SIZE = 8, 2, 3, 2, 64
+NUM_DN = GROUPS * 2 * MAX_TARGETS
+
+# The model runs in well under a second; compiling it is what costs time, and XLA's CPU backend optimizations
+# take most of that (about 4x). Tests do not need fast code.
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+MODEL = detector.Detector(
+    num_classes=NUM_CLASSES, attribute_values=ATTRIBUTE_VALUES, backbone_depth=18, backbone_norm='group_norm',
+    backbone_width=8, hidden_dim=32, num_heads=2, ffn_dim=64, num_decoder_layers=LAYERS, num_queries=NUM_QUERIES,
+    denoising_groups=GROUPS)
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(1, SIZE, SIZE, 3)).astype(np.float32)
+  image_mask = np.ones((1, SIZE, SIZE), np.float32)
+  image_mask[:, :, 56:] = 0  # some padding on the right
+  targets = dict(labels=np.array([[1, 2, 0]], np.int32),
+                 boxes=np.array([[[0.3, 0.4, 0.1, 0.12], [0.6, 0.5, 0.08, 0.1], [0, 0, 0, 0]]], np.float32),
+                 weight=np.array([[1.0, 1.0, 0.0]], np.float32))  # two cells and one padded slot
+  return images, image_mask, targets
+
+
+@functools.lru_cache(maxsize=None)
+def _variables():
+  """Variables with init's structure, filled with numpy (jax.random per kernel shape compiles slowly on CPU)."""
+  images, image_mask, targets = _inputs()
+  rngs = {'params': jax.random.PRNGKey(0), 'denoise': jax.random.PRNGKey(1)}
+  shapes = jax.eval_shape(functools.partial(MODEL.init, train=True), rngs, images, image_mask, targets)
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == 'kernel' or name == 'classifier_kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+    elif name == 'scale':
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:  # biases, embeddings, learned queries
+      value = 0.1 * rng.standard_normal(leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+def _train_apply(variables, images, image_mask, targets, rng):
+  return MODEL.apply(variables, images, image_mask, targets, train=True, rngs={'denoise': rng})
+
+
+@functools.lru_cache(maxsize=None)
+def _train_outputs():
+  images, image_mask, targets = _inputs()
+  return _train_apply(_variables(), images, image_mask, targets, jax.random.PRNGKey(7))
+
+
+def test_train_outputs_have_documented_shapes():
+  outputs = _train_outputs()
+  expected = {
+      'pred_logits': (LAYERS, 1, NUM_QUERIES, NUM_CLASSES), 'pred_boxes': (LAYERS, 1, NUM_QUERIES, 4),
+      'attribute_logits': (1, NUM_QUERIES, 7, 3), 'enc_logits': (1, NUM_QUERIES, NUM_CLASSES),
+      'enc_boxes': (1, NUM_QUERIES, 4), 'dn_logits': (LAYERS, 1, NUM_DN, NUM_CLASSES),
+      'dn_boxes': (LAYERS, 1, NUM_DN, 4), 'dn_attribute_logits': (1, NUM_DN, 7, 3), 'dn_labels': (1, NUM_DN),
+      'dn_target_index': (1, NUM_DN), 'dn_valid': (1, NUM_DN), 'dn_is_positive': (1, NUM_DN)}
+  assert {k: tuple(v.shape) for k, v in outputs.items()} == expected
+  for name in ('pred_logits', 'pred_boxes', 'attribute_logits', 'enc_logits', 'enc_boxes', 'dn_logits', 'dn_boxes'):
+    assert np.isfinite(np.asarray(outputs[name])).all(), name
+  for name in ('pred_boxes', 'enc_boxes', 'dn_boxes'):
+    assert ((outputs[name] >= 0) & (outputs[name] <= 1)).all(), name
+  # Attribute values beyond each attribute's count are masked.
+  attribute_logits = np.asarray(outputs['attribute_logits'])
+  assert (attribute_logits[:, :, 1:, 2] <= -1e8).all()
+  assert (attribute_logits[:, :, 0, :] > -1e8).all() and (attribute_logits[:, :, 1:, :2] > -1e8).all()
+  # Denoising bookkeeping: group-major layout [group, positive/negative, target slot].
+  _, _, targets = _inputs()
+  np.testing.assert_array_equal(outputs['dn_target_index'][0], np.tile(np.arange(MAX_TARGETS), 2 * GROUPS))
+  np.testing.assert_array_equal(outputs['dn_valid'][0], np.tile(targets['weight'][0] > 0, 2 * GROUPS))
+  np.testing.assert_array_equal(outputs['dn_is_positive'][0],
+                                np.tile(np.repeat([True, False], MAX_TARGETS), GROUPS))
+  expected_labels = np.where(outputs['dn_is_positive'][0], np.tile(targets['labels'][0], 2 * GROUPS), -1)
+  np.testing.assert_array_equal(outputs['dn_labels'][0], expected_labels)
+
+
+def test_eval_mode_has_no_denoising_outputs():
+  images, image_mask, targets = _inputs()
+  # Shapes only (tracing, no compile). Targets are passed (as evaluation may) but only train=True uses them.
+  outputs = jax.eval_shape(lambda v, *a: MODEL.apply(v, *a, train=False), _variables(), images, image_mask, targets)
+  assert {k: v.shape for k, v in outputs.items()} == {
+      'pred_logits': (LAYERS, 1, NUM_QUERIES, NUM_CLASSES), 'pred_boxes': (LAYERS, 1, NUM_QUERIES, 4),
+      'attribute_logits': (1, NUM_QUERIES, 7, 3), 'enc_logits': (1, NUM_QUERIES, NUM_CLASSES),
+      'enc_boxes': (1, NUM_QUERIES, 4)}
+
+
+def test_denoising_queries_do_not_leak_into_matching_queries():
+  images, image_mask, targets = _inputs()
+  variables = _variables()
+  rng = jax.random.PRNGKey(7)
+  base = _train_outputs()
+  moved = dict(targets, boxes=targets['boxes'].copy())
+  moved['boxes'][0, 1] = [0.2, 0.8, 0.15, 0.05]  # only the denoising queries see targets
+  relabelled = dict(targets, labels=np.array([[0, 0, 1]], np.int32))
+  for changed in (moved, relabelled):
+    outputs = _train_apply(variables, images, image_mask, changed, rng)
+    # The change did reach the denoising queries ...
+    assert not np.allclose(outputs['dn_logits'], base['dn_logits'], atol=1e-4)
+    # ... and nothing else.
+    for name in ('pred_logits', 'pred_boxes', 'attribute_logits', 'enc_logits', 'enc_boxes'):
+      np.testing.assert_allclose(outputs[name], base[name], atol=1e-5, rtol=1e-5, err_msg=name)
+  # The comparison above relies on the same rng giving the same noise.
+  again = _train_apply(variables, images, image_mask, targets, rng)
+  np.testing.assert_array_equal(again['dn_boxes'], base['dn_boxes'])
+
+
+def test_self_attention_mask():
+  num_groups, per_group, num_matching = 2, 4, 3
+  num_dn = num_groups * per_group
+  dn_valid = jnp.array([[True, True, False, True, True, True, False, True]])
+  attention_mask = jax.jit(detector.self_attention_mask, static_argnums=(0, 1, 2), compiler_options=FAST_COMPILE)
+  mask = np.asarray(attention_mask(num_dn, num_groups, num_matching, dn_valid))
+  assert mask.shape == (1, 1, num_dn + num_matching, num_dn + num_matching)
+  mask = mask[0, 0]  # [query, key]
+  group = np.repeat(np.arange(num_groups), per_group)
+  # Matching queries see each other and no denoising query.
+  assert mask[num_dn:, num_dn:].all()
+  assert not mask[num_dn:, :num_dn].any()
+  # Groups cannot see each other.
+  dn_block = mask[:num_dn, :num_dn]
+  assert not dn_block[group[:, None] != group[None, :]].any()
+  # Inside a group: valid keys are visible; an invalid (padded) key only to itself.
+  valid = np.asarray(dn_valid[0])
+  same = group[:, None] == group[None, :]
+  np.testing.assert_array_equal(dn_block[same & ~np.eye(num_dn, dtype=bool)],
+                                np.broadcast_to(valid[None, :], (num_dn, num_dn))[same & ~np.eye(num_dn, dtype=bool)])
+  assert np.diag(mask).all()  # every query sees itself (no all-masked softmax row)
+  # Denoising queries may read the matching queries (DINO), which cannot affect the matching queries.
+  assert mask[:num_dn, num_dn:].all()
+  # Batched validity: one mask per image.
+  two = attention_mask(num_dn, num_groups, num_matching, jnp.stack([dn_valid[0], ~dn_valid[0]]))
+  assert two.shape == (2, 1, num_dn + num_matching, num_dn + num_matching)
+
+
+def test_denoising_queries_noise_ranges():
+  rng = np.random.default_rng(0)
+  num_targets, groups = 4, 3
+  boxes = np.concatenate([rng.uniform(0.3, 0.7, (2, num_targets, 2)), rng.uniform(0.05, 0.2, (2, num_targets, 2))],
+                         -1).astype(np.float32)
+  labels = rng.integers(0, 5, (2, num_targets)).astype(np.int32)
+  valid = np.array([[True, True, True, False], [True, False, False, False]])
+  noise = jax.jit(detector.denoising_queries, static_argnums=(4, 5), compiler_options=FAST_COMPILE)
+  noised_labels, noised_boxes, target_index, dn_valid, positive = (np.asarray(x) for x in noise(
+      jax.random.PRNGKey(0), labels, boxes, valid, groups, 5, 0.5, 1.0))
+  num_dn = groups * 2 * num_targets
+  assert noised_labels.shape == target_index.shape == dn_valid.shape == positive.shape == (2, num_dn)
+  assert noised_boxes.shape == (2, num_dn, 4)
+  assert ((noised_labels >= 0) & (noised_labels < 5)).all()
+  np.testing.assert_array_equal(dn_valid, np.take_along_axis(valid, target_index, 1))
+  # Corner displacement in units of half the box size: < 1 for positives, in [1, 2) for negatives (before
+  # clipping to the image, which these central boxes never reach).
+  target = np.take_along_axis(boxes, target_index[..., None], 1)
+  to_xyxy = lambda b: np.concatenate([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)  # noqa: E731
+  half_wh = np.concatenate([target[..., 2:], target[..., 2:]], -1) / 2
+  displacement = np.abs(to_xyxy(noised_boxes) - to_xyxy(target)) / half_wh
+  assert (displacement[positive] < 1 + 1e-4).all()
+  # A negative's corners can cross (x1 > x2); its width or height is then floored at 1e-3 (as DINO, which
+  # clamps through inverse_sigmoid), so only uncrossed negatives keep the corner displacement.
+  crossed = (noised_boxes[..., 2:] <= 1e-3 + 1e-7).any(-1)
+  assert not crossed[positive].any()
+  uncrossed_negative = ~positive & ~crossed
+  assert uncrossed_negative.sum() > num_dn // 4
+  assert (displacement[uncrossed_negative] >= 1 - 1e-4).all()
+  assert (displacement[uncrossed_negative] < 2 + 1e-4).all()
+  assert (displacement[~positive].max(-1) >= 1 - 1e-4).all()  # every negative moved at least one corner far
+  # Zero noise reproduces the targets (and the labels, with zero label noise).
+  clean_labels, clean_boxes, *_ = noise(jax.random.PRNGKey(0), labels, boxes, valid, groups, 5, 0.0, 0.0)
+  np.testing.assert_array_equal(clean_labels, np.take_along_axis(labels, target_index, 1))
+  np.testing.assert_allclose(clean_boxes, target, atol=1e-6)

@@ -1,0 +1,288 @@
+"""Losses: focal/varifocal formulas, the annotated-region rule on the class loss, attribute masking, and the full
+`criterion.detection_loss` on hand-made model outputs (empty image, full image, perfect vs shifted)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lld_jax import criterion
+from lld_jax import losses
+from lld_jax import matching
+from lld_jax.default_config import base_config
+from lld_jax.models import detector
+
+# Small fixed shapes shared by the criterion tests (one compile per output structure).
+L, B, Q, K, T, MASK = 2, 2, 6, 3, 3, 8
+NUM_VALUES = (3, 2, 2, 2, 2, 2, 2)  # attribute 0 has 3 values, the other six have 2
+A, V = len(NUM_VALUES), max(NUM_VALUES)
+
+
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def test_sigmoid_focal_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (4, 5))
+  targets = (rng.uniform(size=(4, 5)) < 0.4).astype(np.float64)
+  alpha, gamma = 0.25, 2.0
+  p = _sigmoid(logits)
+  expected = np.where(targets == 1, -alpha * (1 - p)**gamma * np.log(p), -(1 - alpha) * p**gamma * np.log(1 - p))
+  got = losses.sigmoid_focal_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32), alpha, gamma)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_varifocal_loss_matches_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(0, 3, (4, 5))
+  quality = np.where(rng.uniform(size=(4, 5)) < 0.5, rng.uniform(0.05, 1.0, (4, 5)), 0.0)
+  alpha, gamma = 0.75, 2.0
+  p = _sigmoid(logits)
+  bce = -(quality * np.log(p) + (1 - quality) * np.log(1 - p))
+  # Positives: BCE against the IoU, weighted by the IoU; negatives: alpha * p^gamma * -log(1 - p).
+  expected = np.where(quality > 0, quality * bce, alpha * p**gamma * -np.log(1 - p))
+  got = losses.varifocal_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(quality, jnp.float32), alpha, gamma)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+  # The weight is a constant for the gradient (RT-DETR): d/dlogit = weight * (p - quality).
+  grad = jax.grad(lambda x: losses.varifocal_loss(x, jnp.asarray(quality, jnp.float32), alpha, gamma).sum())(
+      jnp.asarray(logits, jnp.float32))
+  weight = np.where(quality > 0, quality, alpha * p**gamma)
+  np.testing.assert_allclose(grad, weight * (p - quality), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize('loss_type', ['focal', 'varifocal'])
+def test_class_loss_sums_weighted_queries(loss_type):
+  logits = jnp.array([[[2.0, -1.0], [0.5, 0.3], [-3.0, 4.0]]])
+  labels = jnp.array([[0, -1, 1]])
+  quality = jnp.array([[0.7, 0.0, 0.4]])
+  weight = jnp.array([[1.0, 0.0, 0.5]])
+  one_hot = jax.nn.one_hot(labels, 2)
+  if loss_type == 'focal':
+    per_class = losses.sigmoid_focal_loss(logits, one_hot)
+  else:
+    per_class = losses.varifocal_loss(logits, one_hot * quality[..., None])
+  expected = (per_class.sum(-1) * weight).sum()
+  np.testing.assert_allclose(losses.class_loss(logits, labels, quality, weight, loss_type), expected, rtol=1e-6)
+  with pytest.raises(ValueError, match='unknown class loss'):
+    losses.class_loss(logits, labels, quality, weight, 'softmax')
+
+
+def _left_half_mask():
+  mask = np.zeros((1, MASK, MASK), np.float32)
+  mask[:, :, :MASK // 2] = 1
+  return mask
+
+
+@pytest.mark.parametrize('loss_type', ['focal', 'varifocal'])
+def test_region_rule_on_class_loss(loss_type):
+  """A confident query without a target is free outside the annotated region, penalised inside it."""
+  target_boxes = np.array([[[0.25, 0.5, 0.1, 0.1], [0, 0, 0, 0]]], np.float32)  # one real target, one padded
+  targets = dict(labels=np.array([[1, 0]]), boxes=target_boxes, weight=np.array([[1.0, 0.0]], np.float32))
+  mask = _left_half_mask()
+  per_query = {}
+  for where, centre_x in [('outside', 0.75), ('inside', 0.4)]:
+    logits = np.full((1, 3, K), -10.0, np.float32)
+    logits[0, 0, 1] = 5.0  # query 0 sits on the target
+    logits[0, 1, 0] = 5.0  # query 1: confident, no target
+    boxes = np.array([[[0.25, 0.5, 0.1, 0.1], [centre_x, 0.5, 0.1, 0.1], [0.9, 0.9, 0.05, 0.05]]], np.float32)
+    in_region = matching.points_in_mask(boxes[0, :, :2], mask[0])[None]
+    np.testing.assert_array_equal(in_region[0], [True, where == 'inside', False])
+    # The assignment the matcher makes here (tests/test_matching.py covers the matcher itself): the real target
+    # takes query 0, the padded one query 2.
+    query_for_target = jnp.array([[0, 2]], jnp.int32)
+    labels, query_boxes, weight, is_matched = losses.matched_query_targets(
+        query_for_target, targets['labels'], targets['boxes'], targets['weight'], in_region, 3)
+    np.testing.assert_array_equal(is_matched[0], [True, False, False])  # the padded target matches nothing
+    np.testing.assert_array_equal(labels[0], [1, -1, -1])
+    np.testing.assert_allclose(query_boxes[0, 0], target_boxes[0, 0])
+    # Query 0 is matched (weight 1); query 1 counts only inside; query 2 (outside, unsure) never counts.
+    np.testing.assert_allclose(weight[0], [1.0, 1.0 if where == 'inside' else 0.0, 0.0])
+    quality = jnp.where(is_matched, 1.0, 0.0)
+    per_query[where] = float(losses.class_loss(logits, labels, quality, weight * jnp.array([[0.0, 1.0, 0.0]]),
+                                               loss_type))
+    total = float(losses.class_loss(logits, labels, quality, weight, loss_type))
+    np.testing.assert_allclose(total, per_query[where] + float(losses.class_loss(
+        logits, labels, quality, weight * jnp.array([[1.0, 0.0, 0.0]]), loss_type)), rtol=1e-5)
+  assert per_query['outside'] == 0.0
+  assert per_query['inside'] > 0.1
+
+
+def test_attribute_loss_ignores_not_applicable():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, A, V)).astype(np.float32)
+  logits[..., 1:, 2] = -1e9
+  attributes = rng.integers(-1, 2, (2, 3, A)).astype(np.int32)
+  attributes[0, 0] = -1  # one object with no known attribute
+  weight = np.ones((2, 3), np.float32)
+  total, count = losses.attribute_loss(logits, attributes, weight)
+  assert float(count) == (attributes >= 0).sum()
+  log_probs = np.asarray(jax.nn.log_softmax(logits, -1))
+  known = attributes >= 0
+  expected = -np.take_along_axis(log_probs, np.clip(attributes, 0, None)[..., None], -1)[..., 0][known].sum()
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
+  # Changing the logits of N/A attributes changes nothing.
+  changed = np.where((~known)[..., None], logits + rng.normal(0, 5, logits.shape).astype(np.float32), logits)
+  total2, count2 = losses.attribute_loss(changed, attributes, weight)
+  np.testing.assert_allclose(total2, total, rtol=1e-6)
+  assert float(count2) == float(count)
+  # A padded object (weight 0) neither adds loss nor count.
+  weight[1, 2] = 0.0
+  total3, count3 = losses.attribute_loss(changed, attributes, weight)
+  assert float(count3) == known.sum() - known[1, 2].sum()
+  assert float(total3) <= float(total)
+
+
+def _loss_config():
+  config = ml_collections.ConfigDict(base_config().loss.to_dict())
+  assert config.class_loss == 'varifocal' and config.aux_loss
+  return config
+
+
+def _attribute_logits(rng, shape):
+  logits = rng.normal(size=shape + (A, V)).astype(np.float32)
+  allowed = np.arange(V)[None, :] < np.array(NUM_VALUES)[:, None]
+  return np.where(allowed, logits, -1e9).astype(np.float32)
+
+
+def _targets(rng, num_real):
+  """num_real real objects per image (list of B ints), padded to T like the input pipeline does."""
+  labels = np.zeros((B, T), np.int32)
+  boxes = np.zeros((B, T, 4), np.float32)
+  attributes = np.full((B, T, A), -1, np.int32)
+  weight = np.zeros((B, T), np.float32)
+  for b, n in enumerate(num_real):
+    labels[b, :n] = rng.integers(0, K, n)
+    boxes[b, :n] = np.concatenate([rng.uniform(0.15, 0.4, (n, 1)), rng.uniform(0.2, 0.8, (n, 1)),
+                                   rng.uniform(0.05, 0.15, (n, 2))], -1)
+    attributes[b, :n] = rng.integers(-1, 2, (n, A))
+    weight[b, :n] = 1.0
+  mask = np.ones((B, MASK, MASK), np.float32)
+  mask[:, :, MASK // 2:] = 0  # annotated on the left half only
+  return dict(labels=labels, boxes=boxes, attributes=attributes, weight=weight, annotation_mask=mask)
+
+
+def _outputs(rng, targets, perfect=False, shift=0.0):
+  """Model-shaped outputs; with `perfect`, the first T queries predict the targets exactly (plus `shift`)."""
+  logits = rng.normal(-3, 1, (L, B, Q, K)).astype(np.float32)
+  boxes = np.concatenate([rng.uniform(0.1, 0.9, (L, B, Q, 2)), rng.uniform(0.05, 0.2, (L, B, Q, 2))],
+                         -1).astype(np.float32)
+  attribute_logits = _attribute_logits(rng, (B, Q))
+  enc_logits = rng.normal(-3, 1, (B, Q, K)).astype(np.float32)
+  enc_boxes = boxes[0].copy()
+  if perfect:
+    logits[:] = -8.0
+    enc_logits[:] = -8.0
+    for b in range(B):
+      for t in np.flatnonzero(targets['weight'][b] > 0):
+        logits[:, b, t, targets['labels'][b, t]] = 8.0
+        enc_logits[b, t, targets['labels'][b, t]] = 8.0
+        boxes[:, b, t] = targets['boxes'][b, t] + np.array([shift, shift, 0, 0], np.float32)
+        enc_boxes[b, t] = boxes[0, b, t]
+        for a in range(A):
+          value = targets['attributes'][b, t, a]
+          if value >= 0:
+            attribute_logits[b, t, a, :NUM_VALUES[a]] = -8.0
+            attribute_logits[b, t, a, value] = 8.0
+  return dict(pred_logits=logits, pred_boxes=boxes, attribute_logits=attribute_logits, enc_logits=enc_logits,
+              enc_boxes=enc_boxes)
+
+
+_FAST_COMPILE = {'xla_backend_optimization_level': 0}  # compile time dominates these tests on a small CPU
+# Eager jax.random compiles per op and shape, slower than one small compile.
+_denoising_queries = jax.jit(detector.denoising_queries, static_argnums=(4, 5), compiler_options=_FAST_COMPILE)
+
+
+def _with_denoising(rng, outputs, targets, groups=2):
+  dn_labels, dn_boxes, dn_target, dn_valid, dn_positive = _denoising_queries(
+      jax.random.PRNGKey(0), targets['labels'], targets['boxes'], targets['weight'] > 0, groups, K, 0.5, 1.0)
+  num_dn = dn_labels.shape[1]
+  labels = np.where(dn_positive, np.take_along_axis(targets['labels'], np.asarray(dn_target), 1), -1)
+  return dict(outputs, dn_logits=rng.normal(-2, 1, (L, B, num_dn, K)).astype(np.float32),
+              dn_boxes=np.broadcast_to(np.asarray(dn_boxes), (L,) + dn_boxes.shape).copy(),
+              dn_attribute_logits=_attribute_logits(rng, (B, num_dn)), dn_labels=labels, dn_target_index=dn_target,
+              dn_valid=dn_valid, dn_is_positive=dn_positive)
+
+
+_FLOAT_KEYS = ('pred_logits', 'pred_boxes', 'attribute_logits', 'enc_logits', 'enc_boxes', 'dn_logits', 'dn_boxes',
+               'dn_attribute_logits')
+
+
+@functools.partial(jax.jit, static_argnums=2, compiler_options=_FAST_COMPILE)
+def _loss_and_grad(outputs, targets, config_items):
+  config = ml_collections.ConfigDict(dict(config_items))
+  differentiable = {k: v for k, v in outputs.items() if k in _FLOAT_KEYS}
+  rest = {k: v for k, v in outputs.items() if k not in _FLOAT_KEYS}
+
+  def loss_fn(diff):
+    return criterion.detection_loss({**diff, **rest}, targets, config)
+
+  (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(differentiable)
+  return total, terms, grads
+
+
+def _run(outputs, targets, config=None):
+  config = config or _loss_config()
+  return _loss_and_grad(outputs, targets, tuple(sorted(config.to_dict().items())))
+
+
+def _assert_finite(total, terms, grads):
+  assert np.isfinite(float(total)), total
+  for name, value in terms.items():
+    assert np.isfinite(float(value)), name
+  for name, grad in grads.items():
+    assert np.isfinite(np.asarray(grad)).all(), name
+
+
+# Every criterion test runs the same jitted function on the same structure (with denoising outputs), so the
+# three Hungarian matchings (two decoder layers and the encoder) compile once for the whole file.
+
+
+@pytest.mark.parametrize('num_real', [(0, T), (0, 0)], ids=['empty_and_full', 'both_empty'])
+def test_detection_loss_finite_for_empty_and_full_images(num_real):
+  rng = np.random.default_rng(0)
+  targets = _targets(rng, num_real)
+  outputs = _with_denoising(rng, _outputs(rng, targets), targets)
+  total, terms, grads = _run(outputs, targets)
+  _assert_finite(total, terms, grads)
+  expected_terms = {f'{n}/{s}' for n in ('class', 'l1', 'giou') for s in ('layer0', 'layer1', 'encoder')}
+  expected_terms |= {f'dn_{n}/{s}' for n in ('class', 'l1', 'giou') for s in ('layer0', 'layer1')}
+  assert set(terms) == expected_terms | {'attributes'}
+  if sum(num_real) == 0:
+    for name in terms:
+      if 'class' not in name:
+        assert float(terms[name]) == 0.0, name
+    assert float(terms['class/layer1']) > 0  # predictions inside the annotated region are still negatives
+    assert float(jnp.abs(grads['pred_boxes']).sum()) == 0.0  # no targets, no box gradient
+    assert float(jnp.abs(grads['dn_boxes']).sum()) == 0.0
+  # The empty image's queries get no attribute or box gradient (nothing is matched there).
+  assert float(jnp.abs(grads['attribute_logits'][0]).sum()) == 0.0
+  assert float(jnp.abs(grads['pred_boxes'][:, 0]).sum()) == 0.0
+  assert float(jnp.abs(grads['dn_boxes'][:, 0]).sum()) == 0.0
+  if sum(num_real):
+    assert float(jnp.abs(grads['pred_boxes'][:, 1]).sum()) > 0
+    assert float(jnp.abs(grads['dn_boxes'][:, 1]).sum()) > 0
+
+
+def test_perfect_prediction_has_lower_loss_than_shifted():
+  targets = _targets(np.random.default_rng(2), (2, T))
+
+  def outputs(**kwargs):
+    rng = np.random.default_rng(5)  # same random parts (and denoising outputs) every time
+    return _with_denoising(rng, _outputs(rng, targets, **kwargs), targets)
+
+  perfect, perfect_terms, _ = _run(outputs(perfect=True), targets)
+  shifted, shifted_terms, _ = _run(outputs(perfect=True, shift=0.05), targets)
+  assert float(perfect) < float(shifted)
+  for name in ('l1/layer1', 'giou/layer1', 'l1/layer0', 'l1/encoder', 'giou/encoder'):
+    assert float(perfect_terms[name]) < 1e-4, name
+    assert float(shifted_terms[name]) > 0.01, name
+  assert float(perfect_terms['class/layer1']) < float(shifted_terms['class/layer1'])  # varifocal: IoU target
+  for name in ('dn_class/layer1', 'dn_l1/layer1', 'attributes'):  # the same in both (dn attributes are random)
+    np.testing.assert_allclose(perfect_terms[name], shifted_terms[name], rtol=1e-6)
+  random_total, random_terms, _ = _run(outputs(), targets)
+  assert float(perfect) < float(random_total)
+  assert float(perfect_terms['attributes']) < float(random_terms['attributes'])
