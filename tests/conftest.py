@@ -1,6 +1,20 @@
-"""Two simulated CPU devices for every test, so pmap paths run as they do on a multi-device host."""
+"""Test-wide settings, applied before JAX is imported.
+
+- Two simulated CPU devices, so the pmap paths run as on a multi-device host.
+- XLA's CPU backend at optimization level 0: the tests run tiny models for a few steps, where compile time
+  dominates; level 0 compiles about 4x faster.
+- A persistent compilation cache shared by the tests of one run, so a step compiled once (for example by the
+  uninterrupted and the resumed training runs) is not compiled again.
+"""
 
 import os
+import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+os.environ.setdefault(
+    'XLA_FLAGS', '--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # noqa: E402  (after the XLA flags)
+
+jax.config.update('jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(), 'lld_jax_test_jit_cache'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
