@@ -1,7 +1,7 @@
 """The training objective: per-layer Hungarian matching plus class, box, attribute, denoising and two-stage losses.
 
 `detection_loss` is a pure function of the model outputs and the targets, callable inside the pmapped step.
-Box and class sums are divided by the number of real boxes summed over devices (`axis_name`), so a device with
+Box and class sums are divided by the mean number of real boxes per device (`axis_name`), so a device with
 an empty image does not blow up its gradient.
 """
 

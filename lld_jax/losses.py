@@ -1,6 +1,6 @@
 """Set-prediction losses as pure functions of arrays.
 
-Each function returns a *sum*; callers divide by the number of real boxes summed across devices, so that every
+Each function returns a *sum*; callers divide by the mean number of real boxes per device, so that every
 device's gradient has the same scale (DETR's normalization).
 
 Per-query class targets use -1 for "no object". The per-query weight carries three rules at once: 1 for a real

@@ -240,10 +240,10 @@ def denoising_queries(rng, labels, boxes, valid, num_groups, num_classes, label_
   where D = num_groups * 2 * T.
   """
   batch, num_targets = labels.shape
-  label_rng, sign_rng, magnitude_rng = jax.random.split(rng, 3)
+  flip_rng, label_rng, sign_rng, magnitude_rng = jax.random.split(rng, 4)
   shape = (batch, num_groups, 2, num_targets)
   tiled_labels = jnp.broadcast_to(labels[:, None, None, :], shape)
-  flip = jax.random.uniform(label_rng, shape) < label_noise * 0.5
+  flip = jax.random.uniform(flip_rng, shape) < label_noise * 0.5
   random_labels = jax.random.randint(label_rng, shape, 0, num_classes)
   noised_labels = jnp.where(flip, random_labels, tiled_labels)
   tiled_boxes = jnp.broadcast_to(boxes[:, None, None], shape + (4,))
