@@ -14,13 +14,13 @@ from lld_jax.default_config import base_config
 
 def get_config():
   c = base_config()
-  c.total_steps = 1500
+  c.total_steps = 400
   c.per_device_batch_size = 4
-  c.image_size = 320
+  c.image_size = 256
   c.max_objects = 16
-  c.log_every_steps = 25
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 250
+  c.log_every_steps = 20
+  c.eval_every_steps = 400
+  c.checkpoint_every_steps = 100
   c.dataset.name = 'lld'
   c.dataset.config = 'full'
   c.dataset.manual_dir = 'demo_run/download'
@@ -28,16 +28,17 @@ def get_config():
   c.model.backbone = 'resnet18'
   c.model.backbone_norm = 'group_norm'  # no pretrained weights on the demo machine
   c.model.backbone_width = 32
-  c.model.hidden_dim = 128
+  c.model.hidden_dim = 96
   c.model.num_heads = 4
-  c.model.ffn_dim = 512
+  c.model.ffn_dim = 384
+  c.model.fusion_depth = 1
   c.model.num_decoder_layers = 3
   c.model.num_queries = 30
   c.model.denoising_groups = 4
   c.optimizer.learning_rate = 5e-4
   c.optimizer.backbone_lr_factor = 1.0  # trained from scratch
-  c.optimizer.warmup_steps = 100
-  c.optimizer.ema_decay = 0.999
-  c.optimizer.ema_warmup_steps = 200
+  c.optimizer.warmup_steps = 50
+  c.optimizer.ema_decay = 0.998
+  c.optimizer.ema_warmup_steps = 100
   c.eval.max_detections = 30
   return c

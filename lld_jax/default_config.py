@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 8
   c.model.ffn_dim = 1024
   c.model.num_encoder_layers = 1
+  c.model.fusion_depth = 2  # 3x3 conv blocks per FPN/PAN fusion
   c.model.num_decoder_layers = 6
   c.model.num_queries = 300
   c.model.num_points = 4

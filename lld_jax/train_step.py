@@ -52,6 +52,7 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       num_classes=num_classes, attribute_values=lld_format.NUM_ATTRIBUTE_VALUES,
       backbone_depth=backbone_depth(m.backbone), backbone_norm=m.backbone_norm, backbone_width=m.backbone_width,
       hidden_dim=m.hidden_dim, num_heads=m.num_heads, ffn_dim=m.ffn_dim, num_encoder_layers=m.num_encoder_layers,
+      fusion_depth=m.fusion_depth,
       num_decoder_layers=m.num_decoder_layers, num_queries=m.num_queries, num_points=m.num_points,
       two_stage=m.two_stage, denoising_groups=m.denoising_groups, label_noise=m.label_noise,
       box_noise=m.box_noise, attribute_head=m.attribute_head, roi_size=m.roi_size,

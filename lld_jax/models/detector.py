@@ -118,6 +118,7 @@ class HybridEncoder(nn.Module):
   num_heads: int
   ffn_dim: int
   num_encoder_layers: int = 1
+  fusion_depth: int = 2
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -139,14 +140,14 @@ class HybridEncoder(nn.Module):
       upper = ConvNorm(self.hidden_dim, 1, dtype=self.dtype, name=f'lateral{i}')(top_down[0])
       target_shape = levels[i].shape[:3] + (upper.shape[-1],)
       upsampled = jax.image.resize(upper, target_shape, 'nearest')
-      top_down.insert(0, FusionBlock(self.hidden_dim, dtype=self.dtype, name=f'fpn{i}')(
+      top_down.insert(0, FusionBlock(self.hidden_dim, self.fusion_depth, dtype=self.dtype, name=f'fpn{i}')(
           jnp.concatenate([upsampled, levels[i]], -1)))
     # Bottom-up: fine detail flows back to the coarse levels.
     outputs = [top_down[0]]
     for i in range(1, len(levels)):
       down = ConvNorm(self.hidden_dim, 3, stride=2, dtype=self.dtype, name=f'downsample{i}')(outputs[-1])
       down = down[:, :top_down[i].shape[1], :top_down[i].shape[2]]
-      outputs.append(FusionBlock(self.hidden_dim, dtype=self.dtype, name=f'pan{i}')(
+      outputs.append(FusionBlock(self.hidden_dim, self.fusion_depth, dtype=self.dtype, name=f'pan{i}')(
           jnp.concatenate([down, top_down[i]], -1)))
     return outputs
 
@@ -287,6 +288,7 @@ class Detector(nn.Module):
   num_heads: int = 8
   ffn_dim: int = 1024
   num_encoder_layers: int = 1
+  fusion_depth: int = 2
   num_decoder_layers: int = 6
   num_queries: int = 300
   num_points: int = 4
@@ -307,8 +309,8 @@ class Detector(nn.Module):
     features = backbone(images.astype(self.dtype))
     features = [features['stride8'], features['stride16'], features['stride32']]
     masks = [jax.image.resize(image_mask.astype(jnp.float32), f.shape[:3], 'nearest') for f in features]
-    levels = HybridEncoder(self.hidden_dim, self.num_heads, self.ffn_dim, self.num_encoder_layers, self.dtype,
-                           name='encoder')(features, masks)
+    levels = HybridEncoder(self.hidden_dim, self.num_heads, self.ffn_dim, self.num_encoder_layers,
+                           self.fusion_depth, self.dtype, name='encoder')(features, masks)
     batch = images.shape[0]
     shapes = [level.shape[1:3] for level in levels]
     memory = jnp.concatenate([level.reshape(batch, -1, self.hidden_dim) for level in levels], axis=1)
