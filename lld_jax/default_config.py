@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.giou_weight = 2.0
   c.loss.attribute_weight = 1.0
   c.loss.aux_loss = True
+  c.loss.region_restricted = True  # False: unlabelled areas are background (what a plain detector does)
   c.loss.cost_class = 2.0
   c.loss.cost_l1 = 5.0
   c.loss.cost_giou = 2.0

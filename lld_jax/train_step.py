@@ -130,6 +130,8 @@ def train_step(state: TrainState, batch, *, model, tx, config):
   """One data-parallel step; runs per device inside pmap (axis name 'batch')."""
   step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
   targets = {k: batch[k] for k in ('labels', 'boxes', 'attributes', 'weight', 'annotation_mask')}
+  if not config.loss.region_restricted:  # ablation: the unlabelled area counts as background
+    targets['annotation_mask'] = jnp.ones_like(targets['annotation_mask'])
   pseudo = config.pseudo_labels
   if pseudo.enabled:
     teacher = model.apply({'params': state.ema_params, **state.model_state}, batch['image'], batch['image_mask'],
