@@ -126,6 +126,15 @@ def report_build(name: str, report: P.SkipReport | None, counts: dict) -> str:
   return text
 
 
+def init_skip_policy(builder, on_error):
+  """Sets a builder's skip policy (`on_error`, else $LLD_ON_ERROR, else 'raise') and its empty skip report."""
+  builder.on_error = on_error if on_error is not None else P.on_error_from_env()
+  if builder.on_error not in P.ON_ERROR_CHOICES:
+    raise ValueError(f'on_error must be one of {P.ON_ERROR_CHOICES}, got {builder.on_error!r}')
+  builder.skip_report = None
+  builder._split_counts = {}  # pylint: disable=protected-access
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """LLD from a manual download. See the module docstring for the skip policy (`LLD_ON_ERROR`, `on_error=`)."""
 
@@ -140,11 +149,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def __init__(self, *, on_error: str | None = None, **kwargs):
-    self.on_error = on_error if on_error is not None else P.on_error_from_env()
-    if self.on_error not in P.ON_ERROR_CHOICES:
-      raise ValueError(f'on_error must be one of {P.ON_ERROR_CHOICES}, got {self.on_error!r}')
-    self.skip_report: P.SkipReport | None = None
-    self._split_counts: dict = {}
+    init_skip_policy(self, on_error)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -79,11 +79,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def __init__(self, *, on_error: str | None = None, **kwargs):
-    self.on_error = on_error if on_error is not None else P.on_error_from_env()
-    if self.on_error not in P.ON_ERROR_CHOICES:
-      raise ValueError(f'on_error must be one of {P.ON_ERROR_CHOICES}, got {self.on_error!r}')
-    self.skip_report: P.SkipReport | None = None
-    self._split_counts: dict = {}
+    lld_builder.init_skip_policy(self, on_error)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
