@@ -27,7 +27,10 @@ def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
       for value in event.summary.value:
         if value.HasField('tensor') and value.tensor.dtype in (tf.float32.as_datatype_enum,
                                                                tf.float64.as_datatype_enum):
-          number = float(tf.make_ndarray(value.tensor))
+          array = tf.make_ndarray(value.tensor)
+          if array.size != 1:  # histograms and hyperparameter tables are not curves
+            continue
+          number = float(array.reshape(()))
         elif value.HasField('simple_value'):
           number = float(value.simple_value)
         else:

@@ -89,6 +89,12 @@ def test_train_resume_evaluate_predict(download, tmp_path):
   assert os.path.exists(tmp_path / 'predict' / 'detections.json')
   assert summary is not None
 
+  from lld_jax import report
+  report_path = report.write_report(interrupted_dir, str(tmp_path / 'report.md'), str(tmp_path / 'predict'))
+  with open(report_path) as f:
+    text = f.read()
+  assert '## Metrics (test split)' in text and 'training_curves.png' in text and 'overlay_' in text
+
 
 _PARSE_SCRIPT = """
 import sys
