@@ -89,16 +89,27 @@ def write_evaluation(result, out_dir):
   plots.write_evaluation_plots(result, out_dir)
 
 
-def restore_for_inference(config, workdir, num_classes):
-  """Model and state from DIR/best when it exists, else the latest checkpoint in DIR/checkpoints."""
+def checkpoint_manager(workdir, config):
+  """The manager of DIR/best when it holds a checkpoint, else that of DIR/checkpoints."""
   from lld_jax import train
-  model = train.create_model(config, num_classes)
-  state, _ = train.create_train_state(model, config, jax.random.PRNGKey(config.seed))
   latest, best = train.checkpoint_managers(workdir, config)
   manager = best if best.latest_step() is not None else latest
   if manager.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {workdir}/best or {workdir}/checkpoints: train first')
-  return model, train.restore_latest(manager, state)
+  return manager
+
+
+def restore_for_inference(config, workdir, num_classes):
+  """Model and train state from DIR/best when it exists, else the latest checkpoint in DIR/checkpoints.
+
+  The target state is built abstractly (jax.eval_shape): no initialization is compiled or run, and no pretrained
+  backbone file is needed, since the checkpoint holds every weight.
+  """
+  from lld_jax import train
+  model = train.create_model(config, num_classes)
+  abstract = jax.eval_shape(
+      lambda rng: train.create_train_state(model, config, rng, load_pretrained=False)[0], jax.random.PRNGKey(0))
+  return model, train.restore_latest(checkpoint_manager(workdir, config), abstract)
 
 
 FLAGS = flags.FLAGS

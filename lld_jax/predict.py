@@ -317,15 +317,6 @@ def load_config(workdir, config=None):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _checkpoint_manager(workdir, config):
-  from lld_jax import train
-  latest, best = train.checkpoint_managers(workdir, config)
-  manager = best if best.latest_step() is not None else latest
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/best or {workdir}/checkpoints: train first')
-  return manager
-
-
 def checkpoint_num_classes(manager) -> int | None:
   """The number of classes of the checkpoint's class head, from the checkpoint metadata (None if unknown)."""
   import orbax.checkpoint as ocp
@@ -377,20 +368,11 @@ def class_names_for(config, workdir, num_classes: int | None) -> tuple[str, ...]
 
 
 def restore_model(config, workdir, num_classes: int):
-  """Model and inference variables (EMA when the config keeps one) from DIR/best, else DIR/checkpoints.
-
-  Like `evaluate.restore_for_inference`, but the target state is built abstractly (jax.eval_shape), so no
-  initialization is compiled or run and no pretrained backbone file is needed."""
-  import jax
+  """Model and inference variables (EMA when the config keeps one) from DIR/best, else DIR/checkpoints."""
+  from lld_jax import evaluate
   from lld_jax import train
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.pretrained = ''  # the checkpoint holds every weight
-  model = train.create_model(config, num_classes)
-  abstract = jax.eval_shape(lambda rng: train.create_train_state(model, config, rng)[0], jax.random.PRNGKey(0))
-  state = train.restore_latest(_checkpoint_manager(workdir, config), abstract)
-  ema = config.optimizer.get('ema_decay', 0) > 0
-  return model, train.model_variables(state, use_ema=ema)
+  model, state = evaluate.restore_for_inference(config, workdir, num_classes)
+  return model, train.model_variables(state, use_ema=config.optimizer.get('ema_decay', 0) > 0)
 
 
 @dataclasses.dataclass
@@ -455,7 +437,8 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
     raise FileNotFoundError(f'--images={images}: no image files found')
   names = [os.path.relpath(p, root) if root else p for p in paths]
   overlay_names = _overlay_names(names)
-  manager = _checkpoint_manager(workdir, config)
+  from lld_jax import evaluate
+  manager = evaluate.checkpoint_manager(workdir, config)
   num_classes = checkpoint_num_classes(manager)
   class_names = class_names_for(config, workdir, num_classes)
   model, variables = restore_model(config, workdir, num_classes or len(class_names))

@@ -92,16 +92,17 @@ def initial_variables(model, config, rng):
       dummy_targets)
 
 
-def create_train_state(model, config, rng) -> tuple[TrainState, Any]:
+def create_train_state(model, config, rng, load_pretrained=True) -> tuple[TrainState, Any]:
+  """A fresh state; `load_pretrained=False` skips the ImageNet backbone (a checkpoint will overwrite it)."""
   init_rng, state_rng = jax.random.split(rng)
   variables = dict(initial_variables(model, config, init_rng))
   params = variables.pop('params')
-  if config.model.backbone_norm == 'frozen_bn' and not config.model.pretrained:
+  if load_pretrained and config.model.backbone_norm == 'frozen_bn' and not config.model.pretrained:
     raise ValueError('model.backbone_norm=frozen_bn needs ImageNet weights (model.pretrained): without them the '
                      'frozen statistics are the identity and the backbone has no normalization at all. '
                      'Pass --config.model.pretrained=PATH, or train from scratch with '
                      '--config.model.backbone_norm=group_norm')
-  if config.model.pretrained:
+  if load_pretrained and config.model.pretrained:
     from lld_jax.models import pretrained
     backbone_params, frozen = pretrained.load_torchvision_resnet(
         config.model.pretrained, backbone_depth(config.model.backbone), config.model.backbone_norm,
