@@ -49,7 +49,8 @@ def _denoising_losses(outputs, layer, targets, loss_config, num_boxes):
   quality = jnp.where(positive & valid, box_ops.iou(box_ops.cxcywh_to_xyxy(boxes),
                                                    box_ops.cxcywh_to_xyxy(target_boxes)), 0.0)
   labels = jnp.where(valid, outputs['dn_labels'], -1)
-  num_groups = jnp.maximum(positive.sum(-1).max() / jnp.maximum(targets['labels'].shape[1], 1), 1.0)
+  # Each group holds a positive and a negative copy of every target slot (a static count).
+  num_groups = max(positive.shape[1] // max(2 * targets['labels'].shape[1], 1), 1)
   normalizer = num_boxes * num_groups
   class_sum = losses.class_loss(logits, labels, quality, query_weight, loss_config.class_loss)
   box_weight = jnp.where(positive, target_weight, 0.0)
