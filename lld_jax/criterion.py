@@ -19,13 +19,22 @@ def _global_count(count, axis_name):
   return jnp.maximum(count, 1.0)
 
 
-def _matched_layer_losses(logits, boxes, targets, weights: matching.CostWeights, loss_config, num_boxes,
-                          attribute_logits=None):
-  """Class and box losses of one set of predictions after Hungarian matching; returns (losses, assignment)."""
-  query_for_target, query_in_region = matching.batched_match(
-      logits, boxes, targets['labels'], targets['boxes'], targets['weight'] > 0, targets['annotation_mask'],
-      weights, attribute_logits, targets['attributes'] if attribute_logits is not None else None,
-      ~targets['is_pseudo'] if 'is_pseudo' in targets else None)
+def _match_stacked(logits, boxes, targets, weights: matching.CostWeights, attribute_logits=None):
+  """Hungarian matching of S prediction sets at once: logits [S, B, Q, K], boxes [S, B, Q, 4].
+
+  One vmapped assignment for every decoder layer and the encoder proposals, so the step runs one while loop
+  instead of one per set (each loop iteration is a device round of tiny kernels on accelerators).
+  Returns query_for_target [S, B, T] and query_in_region [S, B, Q].
+  """
+  restricted = ~targets['is_pseudo'] if 'is_pseudo' in targets else None
+  per_set = lambda l, b, a: matching.batched_match(
+      l, b, targets['labels'], targets['boxes'], targets['weight'] > 0, targets['annotation_mask'], weights, a,
+      targets['attributes'] if a is not None else None, restricted)
+  return jax.vmap(per_set)(logits, boxes, attribute_logits)
+
+
+def _matched_losses(logits, boxes, query_for_target, query_in_region, targets, weights, loss_config, num_boxes):
+  """Class and box losses of one set of predictions [B, Q, ...] under a given assignment."""
   query_labels, query_boxes, query_weight, is_matched = losses.matched_query_targets(
       query_for_target, targets['labels'], targets['boxes'], targets['weight'], query_in_region, logits.shape[1])
   quality = box_ops.iou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(query_boxes))
@@ -34,8 +43,7 @@ def _matched_layer_losses(logits, boxes, targets, weights: matching.CostWeights,
                                 weights.focal_alpha, weights.focal_gamma)
   matched_boxes = losses.gather_queries(boxes, query_for_target)
   l1_sum, giou_sum = losses.box_losses(matched_boxes, targets['boxes'], targets['weight'])
-  return {'class': class_sum / num_boxes, 'l1': l1_sum / num_boxes, 'giou': giou_sum / num_boxes}, \
-      query_for_target
+  return {'class': class_sum / num_boxes, 'l1': l1_sum / num_boxes, 'giou': giou_sum / num_boxes}
 
 
 def _denoising_losses(outputs, layer, targets, loss_config, num_boxes):
@@ -72,36 +80,49 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
   term_weights = {'class': loss_config.class_weight, 'l1': loss_config.l1_weight, 'giou': loss_config.giou_weight}
   terms = {}
   num_layers = outputs['pred_logits'].shape[0]
-  final_assignment = None
-  for layer in range(num_layers):
-    is_last = layer == num_layers - 1
-    if not (is_last or loss_config.aux_loss):
-      continue
-    attribute_logits = outputs['attribute_logits'] if is_last else None
-    layer_terms, assignment = _matched_layer_losses(
-        outputs['pred_logits'][layer], outputs['pred_boxes'][layer], targets, weights, loss_config, num_boxes,
-        attribute_logits)
-    if is_last:
-      final_assignment = assignment
-    for name, value in layer_terms.items():
-      terms[f'{name}/layer{layer}'] = value
-    if 'dn_logits' in outputs:
-      for name, value in _denoising_losses(outputs, layer, targets, loss_config, num_boxes).items():
-        terms[f'dn_{name}/layer{layer}'] = value
+  # The prediction sets to match: the decoder layers (all with aux_loss, else the last) and the proposals.
+  matched_layers = [i for i in range(num_layers) if loss_config.aux_loss or i == num_layers - 1]
+  names = [f'layer{i}' for i in matched_layers]
+  logits = [outputs['pred_logits'][i] for i in matched_layers]
+  boxes = [outputs['pred_boxes'][i] for i in matched_layers]
   if 'enc_logits' in outputs:
-    enc_terms, _ = _matched_layer_losses(outputs['enc_logits'], outputs['enc_boxes'], targets, weights,
-                                         loss_config, num_boxes)
-    for name, value in enc_terms.items():
-      terms[f'{name}/encoder'] = value
+    names.append('encoder')
+    logits.append(outputs['enc_logits'])
+    boxes.append(outputs['enc_boxes'])
+  final = names.index(f'layer{num_layers - 1}')
+  # The attribute cost exists for the final layer only, which is then matched on its own.
+  with_attributes = bool(weights.attribute_weight)
+  batched = [i for i in range(len(names)) if not (with_attributes and i == final)]
+  assignments, in_region = [None] * len(names), [None] * len(names)
+  stacked = _match_stacked(jnp.stack([logits[i] for i in batched]), jnp.stack([boxes[i] for i in batched]),
+                           targets, weights)
+  for j, i in enumerate(batched):
+    assignments[i], in_region[i] = stacked[0][j], stacked[1][j]
+  if with_attributes:
+    single = _match_stacked(logits[final][None], boxes[final][None], targets, weights,
+                            outputs['attribute_logits'][None])
+    assignments[final], in_region[final] = single[0][0], single[1][0]
+  for i, name in enumerate(names):
+    for term, value in _matched_losses(logits[i], boxes[i], assignments[i], in_region[i], targets, weights,
+                                       loss_config, num_boxes).items():
+      terms[f'{term}/{name}'] = value
+  if 'dn_logits' in outputs:
+    for layer in matched_layers:
+      for term, value in _denoising_losses(outputs, layer, targets, loss_config, num_boxes).items():
+        terms[f'dn_{term}/layer{layer}'] = value
+  final_assignment = assignments[final]
 
   # Attributes of matched queries (final layer), and of positive denoising queries.
   attribute_sum, attribute_count = losses.attribute_loss(
       losses.gather_queries(outputs['attribute_logits'], final_assignment), targets['attributes'],
       targets['weight'])
   if 'dn_attribute_logits' in outputs:
-    dn_attributes = losses.gather_queries(targets['attributes'], outputs['dn_target_index'])
-    dn_weight = jnp.where(outputs['dn_is_positive'],
-                          losses.gather_queries(targets['weight'], outputs['dn_target_index']), 0.0)
+    # The model classifies the attributes of the first denoising queries only (one positive copy per slot).
+    count = outputs['dn_attribute_logits'].shape[1]
+    target_index = outputs['dn_target_index'][:, :count]
+    dn_attributes = losses.gather_queries(targets['attributes'], target_index)
+    dn_weight = jnp.where(outputs['dn_is_positive'][:, :count] & outputs['dn_valid'][:, :count],
+                          losses.gather_queries(targets['weight'], target_index), 0.0)
     dn_sum, dn_count = losses.attribute_loss(outputs['dn_attribute_logits'], dn_attributes, dn_weight)
     attribute_sum, attribute_count = attribute_sum + dn_sum, attribute_count + dn_count
   terms['attributes'] = attribute_sum / _global_count(attribute_count, axis_name)

@@ -74,7 +74,7 @@ def test_train_outputs_have_documented_shapes():
       'pred_logits': (LAYERS, 1, NUM_QUERIES, NUM_CLASSES), 'pred_boxes': (LAYERS, 1, NUM_QUERIES, 4),
       'attribute_logits': (1, NUM_QUERIES, 7, 3), 'enc_logits': (1, NUM_QUERIES, NUM_CLASSES),
       'enc_boxes': (1, NUM_QUERIES, 4), 'dn_logits': (LAYERS, 1, NUM_DN, NUM_CLASSES),
-      'dn_boxes': (LAYERS, 1, NUM_DN, 4), 'dn_attribute_logits': (1, NUM_DN, 7, 3), 'dn_labels': (1, NUM_DN),
+      'dn_boxes': (LAYERS, 1, NUM_DN, 4), 'dn_attribute_logits': (1, MAX_TARGETS, 7, 3), 'dn_labels': (1, NUM_DN),
       'dn_target_index': (1, NUM_DN), 'dn_valid': (1, NUM_DN), 'dn_is_positive': (1, NUM_DN)}
   assert {k: tuple(v.shape) for k, v in outputs.items()} == expected
   for name in ('pred_logits', 'pred_boxes', 'attribute_logits', 'enc_logits', 'enc_boxes', 'dn_logits', 'dn_boxes'):

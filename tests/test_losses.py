@@ -286,3 +286,28 @@ def test_perfect_prediction_has_lower_loss_than_shifted():
   random_total, random_terms, _ = _run(outputs(), targets)
   assert float(perfect) < float(random_total)
   assert float(perfect_terms['attributes']) < float(random_terms['attributes'])
+
+
+def test_one_stacked_matching_equals_matching_each_layer_alone():
+  """The criterion matches every decoder layer and the proposals in one vmapped assignment; each set's box
+  losses must be those of its own independent Hungarian matching."""
+  rng = np.random.default_rng(11)
+  targets = _targets(rng, (2, T))
+  outputs = _with_denoising(rng, _outputs(rng, targets), targets)
+  _, terms, _ = _run(outputs, targets)
+  weights = matching.CostWeights()
+  num_boxes = max(float(targets['weight'].sum()), 1.0)
+  sets = {'layer0': (outputs['pred_logits'][0], outputs['pred_boxes'][0]),
+          'layer1': (outputs['pred_logits'][1], outputs['pred_boxes'][1]),
+          'encoder': (outputs['enc_logits'], outputs['enc_boxes'])}
+  assignments = set()
+  for name, (logits, boxes) in sets.items():
+    query_for_target, _ = jax.jit(functools.partial(matching.batched_match, weights=weights),
+                                  compiler_options=_FAST_COMPILE)(
+        logits, boxes, targets['labels'], targets['boxes'], targets['weight'] > 0, targets['annotation_mask'])
+    l1_sum, giou_sum = losses.box_losses(losses.gather_queries(jnp.asarray(boxes), query_for_target),
+                                         targets['boxes'], targets['weight'])
+    np.testing.assert_allclose(float(terms[f'l1/{name}']), float(l1_sum) / num_boxes, rtol=1e-5)
+    np.testing.assert_allclose(float(terms[f'giou/{name}']), float(giou_sum) / num_boxes, rtol=1e-5)
+    assignments.add(tuple(np.asarray(query_for_target).ravel()))
+  assert len(assignments) > 1  # the sets really are matched differently

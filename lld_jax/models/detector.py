@@ -10,7 +10,8 @@ chromatin are small details, so each attribute query reads RoI-aligned stride-8 
 Outputs (L decoder layers, Q matching queries, D denoising queries, K classes, A attributes, V values):
   pred_logits [L, B, Q, K], pred_boxes [L, B, Q, 4] (normalized cxcywh), attribute_logits [B, Q, A, V],
   enc_logits [B, Q, K], enc_boxes [B, Q, 4] (two-stage proposals),
-  and with denoising: dn_logits [L, B, D, K], dn_boxes [L, B, D, 4], dn_attribute_logits [B, D, A, V],
+  and with denoising: dn_logits [L, B, D, K], dn_boxes [L, B, D, 4], dn_attribute_logits [B, T, A, V] (the
+  first group's positive copies, i.e. denoising queries 0..T-1, T = target slots),
   dn_labels [B, D] (-1 = no object), dn_target_index [B, D], dn_valid [B, D], dn_is_positive [B, D].
 """
 
@@ -371,13 +372,19 @@ class Detector(nn.Module):
       all_boxes.append(boxes)
       reference = jax.lax.stop_gradient(boxes)
 
+    # Attributes are read for the matching queries and for the positive copies of the first denoising group
+    # (one per target slot, laid out first): the other denoising copies would multiply the cost of the RoI
+    # attention without adding targets.
+    num_attribute_dn = targets['labels'].shape[1] if num_denoising else 0
+    attribute_queries = jnp.concatenate([queries[:, :num_attribute_dn], queries[:, num_denoising:]], axis=1)
+    attribute_boxes = jnp.concatenate([all_boxes[-1][:, :num_attribute_dn], all_boxes[-1][:, num_denoising:]], 1)
     attribute_logits = AttributeHead(self.attribute_values, self.hidden_dim, roi_size=self.roi_size,
                                      mode=self.attribute_head, dtype=self.dtype, name='attribute_head')(
-        queries, jax.lax.stop_gradient(all_boxes[-1]), levels[0], masks[0])
+        attribute_queries, jax.lax.stop_gradient(attribute_boxes), levels[0], masks[0])
     logits, boxes = jnp.stack(all_logits), jnp.stack(all_boxes)
     outputs.update(pred_logits=logits[:, :, num_denoising:], pred_boxes=boxes[:, :, num_denoising:],
-                   attribute_logits=attribute_logits[:, num_denoising:])
+                   attribute_logits=attribute_logits[:, num_attribute_dn:])
     if num_denoising:
       outputs.update(dn_logits=logits[:, :, :num_denoising], dn_boxes=boxes[:, :, :num_denoising],
-                     dn_attribute_logits=attribute_logits[:, :num_denoising])
+                     dn_attribute_logits=attribute_logits[:, :num_attribute_dn])
     return outputs
