@@ -17,7 +17,7 @@ def get_config():
   c.total_steps = 400
   c.per_device_batch_size = 4
   c.image_size = 256
-  c.max_objects = 16
+  c.max_objects = 8  # the demo fields hold at most 6 cells; more would only pad the denoising groups
   c.log_every_steps = 20
   c.eval_every_steps = 400
   c.checkpoint_every_steps = 100

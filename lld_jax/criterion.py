@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lld_jax import boxes as box_ops
+from lld_jax import dense_assignment
 from lld_jax import losses
 from lld_jax import matching
 
@@ -66,6 +67,20 @@ def _denoising_losses(outputs, layer, targets, loss_config, num_boxes):
   return {'class': class_sum / normalizer, 'l1': l1_sum / normalizer, 'giou': giou_sum / normalizer}
 
 
+def _token_losses(outputs, targets, loss_config, axis_name):
+  """One-to-many losses of every encoder token (see dense_assignment): usable tokens inside the annotated
+  region are negatives unless assigned; tokens outside it count only where a (pseudo) target takes them."""
+  in_region = jax.vmap(matching.points_in_mask)(outputs['token_centres'], targets['annotation_mask'])
+  token_weight = (outputs['token_usable'] & in_region).astype(jnp.float32)
+  per_image = jax.vmap(lambda *a: dense_assignment.dense_losses(*a, top_k=loss_config.dense_top_k))(
+      outputs['token_logits'], outputs['token_boxes'], outputs['token_centres'], token_weight, targets['labels'],
+      targets['boxes'], targets['weight'])
+  class_sum, l1_sum, giou_sum, quality_sum = (x.sum() for x in per_image)
+  normalizer = _global_count(quality_sum, axis_name)
+  return {'class/tokens': class_sum / normalizer, 'l1/tokens': l1_sum / normalizer,
+          'giou/tokens': giou_sum / normalizer}
+
+
 def detection_loss(outputs, targets, loss_config, axis_name=None):
   """Total weighted loss and a dict of its terms.
 
@@ -85,7 +100,13 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
   names = [f'layer{i}' for i in matched_layers]
   logits = [outputs['pred_logits'][i] for i in matched_layers]
   boxes = [outputs['pred_boxes'][i] for i in matched_layers]
-  if 'enc_logits' in outputs:
+  if loss_config.encoder_loss not in ('one_to_many', 'one_to_one'):
+    raise ValueError(f'loss.encoder_loss={loss_config.encoder_loss!r}: expected one_to_many or one_to_one')
+  if loss_config.encoder_loss == 'one_to_many':
+    if 'token_logits' not in outputs:
+      raise ValueError('loss.encoder_loss=one_to_many needs the per-token outputs of a train-mode forward pass')
+    terms.update(_token_losses(outputs, targets, loss_config, axis_name))
+  elif 'enc_logits' in outputs:
     names.append('encoder')
     logits.append(outputs['enc_logits'])
     boxes.append(outputs['enc_boxes'])

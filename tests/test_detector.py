@@ -13,6 +13,7 @@ NUM_CLASSES = 3
 ATTRIBUTE_VALUES = (3, 2, 2, 2, 2, 2, 2)
 NUM_QUERIES, GROUPS, MAX_TARGETS, LAYERS, SIZE = 8, 2, 3, 2, 64
 NUM_DN = GROUPS * 2 * MAX_TARGETS
+NUM_TOKENS = sum((SIZE // stride)**2 for stride in (8, 16, 32))
 
 # The model runs in well under a second; compiling it is what costs time, and XLA's CPU backend optimizations
 # take most of that (about 4x). Tests do not need fast code.
@@ -75,7 +76,9 @@ def test_train_outputs_have_documented_shapes():
       'attribute_logits': (1, NUM_QUERIES, 7, 3), 'enc_logits': (1, NUM_QUERIES, NUM_CLASSES),
       'enc_boxes': (1, NUM_QUERIES, 4), 'dn_logits': (LAYERS, 1, NUM_DN, NUM_CLASSES),
       'dn_boxes': (LAYERS, 1, NUM_DN, 4), 'dn_attribute_logits': (1, MAX_TARGETS, 7, 3), 'dn_labels': (1, NUM_DN),
-      'dn_target_index': (1, NUM_DN), 'dn_valid': (1, NUM_DN), 'dn_is_positive': (1, NUM_DN)}
+      'dn_target_index': (1, NUM_DN), 'dn_valid': (1, NUM_DN), 'dn_is_positive': (1, NUM_DN),
+      'token_logits': (1, NUM_TOKENS, NUM_CLASSES), 'token_boxes': (1, NUM_TOKENS, 4),
+      'token_centres': (1, NUM_TOKENS, 2), 'token_usable': (1, NUM_TOKENS)}
   assert {k: tuple(v.shape) for k, v in outputs.items()} == expected
   for name in ('pred_logits', 'pred_boxes', 'attribute_logits', 'enc_logits', 'enc_boxes', 'dn_logits', 'dn_boxes'):
     assert np.isfinite(np.asarray(outputs[name])).all(), name

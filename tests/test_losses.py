@@ -139,6 +139,7 @@ def test_attribute_loss_ignores_not_applicable():
 def _loss_config():
   config = ml_collections.ConfigDict(base_config().loss.to_dict())
   assert config.class_loss == 'varifocal' and config.aux_loss
+  config.encoder_loss = 'one_to_one'  # these outputs are hand-made proposals; the token loss is tested below
   return config
 
 
@@ -311,3 +312,37 @@ def test_one_stacked_matching_equals_matching_each_layer_alone():
     np.testing.assert_allclose(float(terms[f'giou/{name}']), float(giou_sum) / num_boxes, rtol=1e-5)
     assignments.add(tuple(np.asarray(query_for_target).ravel()))
   assert len(assignments) > 1  # the sets really are matched differently
+
+
+def _with_tokens(rng, outputs, side=8):
+  ys, xs = np.meshgrid((np.arange(side) + 0.5) / side, (np.arange(side) + 0.5) / side, indexing='ij')
+  centres = np.broadcast_to(np.stack([xs.ravel(), ys.ravel()], -1), (B, side * side, 2)).astype(np.float32)
+  boxes = np.concatenate([centres, np.full((B, side * side, 2), 0.15, np.float32)], -1)
+  return dict(outputs, token_logits=rng.normal(-3, 1, (B, side * side, K)).astype(np.float32), token_boxes=boxes,
+              token_centres=centres, token_usable=np.ones((B, side * side), bool))
+
+
+def test_one_to_many_encoder_loss_replaces_proposal_matching_and_respects_the_region():
+  rng = np.random.default_rng(4)
+  targets = _targets(rng, (0, T))
+  outputs = _with_tokens(rng, _outputs(rng, targets))
+  config = _loss_config()
+  config.encoder_loss = 'one_to_many'
+  differentiable = lambda o: {k: v for k, v in o.items() if k in _FLOAT_KEYS + ('token_logits', 'token_boxes')}
+
+  @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+  def run(diff, rest, targets):
+    return jax.value_and_grad(lambda d: criterion.detection_loss({**d, **rest}, targets, config), has_aux=True)(diff)
+
+  rest = {k: v for k, v in outputs.items() if k not in differentiable(outputs)}
+  (total, terms), grads = run(differentiable(outputs), rest, targets)
+  assert {'class/tokens', 'l1/tokens', 'giou/tokens'} <= set(terms) and 'class/encoder' not in terms
+  assert np.isfinite(float(total)) and float(terms['l1/tokens']) > 0
+  # Image 0 has no target: with its mask cleared, its tokens get no gradient at all.
+  unlabelled = dict(targets, annotation_mask=targets['annotation_mask'].copy())
+  unlabelled['annotation_mask'][0] = 0.0
+  (_, _), grads = run(differentiable(outputs), rest, unlabelled)
+  assert float(jnp.abs(grads['token_logits'][0]).sum()) == 0.0
+  assert float(jnp.abs(grads['token_logits'][1]).sum()) > 0.0
+  with pytest.raises(ValueError, match='per-token outputs'):
+    criterion.detection_loss(_outputs(rng, targets), targets, config)

@@ -9,7 +9,8 @@ chromatin are small details, so each attribute query reads RoI-aligned stride-8 
 
 Outputs (L decoder layers, Q matching queries, D denoising queries, K classes, A attributes, V values):
   pred_logits [L, B, Q, K], pred_boxes [L, B, Q, 4] (normalized cxcywh), attribute_logits [B, Q, A, V],
-  enc_logits [B, Q, K], enc_boxes [B, Q, 4] (two-stage proposals),
+  enc_logits [B, Q, K], enc_boxes [B, Q, 4] (two-stage proposals); when training, also every encoder token's
+  token_logits [B, N, K], token_boxes [B, N, 4], token_centres [B, N, 2] and token_usable [B, N] (not padding),
   and with denoising: dn_logits [L, B, D, K], dn_boxes [L, B, D, 4], dn_attribute_logits [B, T, A, V] (the
   first group's positive copies, i.e. denoising queries 0..T-1, T = target slots),
   dn_labels [B, D] (-1 = no object), dn_target_index [B, D], dn_valid [B, D], dn_is_positive [B, D].
@@ -326,6 +327,10 @@ class Detector(nn.Module):
                           bias_init=nn.initializers.constant(-4.6))(encoded).astype(jnp.float32)
     enc_boxes = jax.nn.sigmoid(MLP(self.hidden_dim, 4, 3, self.dtype, name='enc_box')(encoded).astype(jnp.float32)
                                + box_ops.inverse_sigmoid(anchors))
+    if train:  # every token's prediction, for the one-to-many encoder loss
+      outputs.update(token_logits=enc_logits, token_boxes=enc_boxes,
+                     token_centres=jnp.broadcast_to(anchors[..., :2], enc_boxes.shape[:2] + (2,)),
+                     token_usable=usable)
     if self.two_stage:
       scores = jnp.where(usable, enc_logits.max(-1), _NEG_INF)
       _, top = jax.lax.top_k(scores, self.num_queries)
