@@ -62,9 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.giou_weight = 2.0
   c.loss.attribute_weight = 1.0
   c.loss.aux_loss = True
-  # 'one_to_many': every encoder token is a prediction with task-aligned assignment (fast convergence);
-  # 'one_to_one': Hungarian matching of the selected proposals only (RT-DETR).
-  c.loss.encoder_loss = 'one_to_many'
+  # 'one_to_one': Hungarian matching of the selected proposals (RT-DETR). 'one_to_many': every encoder token is a
+  # prediction with task-aligned assignment (YOLOv8's); slower to converge in our A/B (docs/results.md).
+  c.loss.encoder_loss = 'one_to_one'
   c.loss.dense_top_k = 10  # positives per target in the one-to-many encoder loss
   c.loss.region_restricted = True  # False: unlabelled areas are background (what a plain detector does)
   c.loss.cost_class = 2.0

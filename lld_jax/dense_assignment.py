@@ -5,7 +5,8 @@ schedules. Here every encoder token is a prediction, as in a one-stage detector,
 `top_k` tokens inside its box whose predictions best align with it (TOOD's task-aligned assigner, the one YOLOv8
 trains with): alignment = score^alpha * IoU^beta. Many positives per cell train the backbone and encoder quickly,
 and the two-stage query selection then starts the decoder from good proposals; the decoder keeps one-to-one
-matching, so the detector stays free of NMS.
+matching, so the detector stays free of NMS. An option (`loss.encoder_loss='one_to_many'`), not the default: on
+the synthetic demo it converged more slowly than one-to-one matching of the proposals (docs/results.md).
 
 All functions take one image (no batch axis) and have static shapes.
 """

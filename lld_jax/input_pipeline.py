@@ -11,6 +11,8 @@ Evaluation batches keep every image: the last batch is padded and `example_valid
 """
 
 import dataclasses
+import os
+
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -40,6 +42,9 @@ def load_builder(name, config, data_dir=None, manual_dir=None):
           f'dataset {name}/{config} is not built in {builder.data_dir} and no dataset.manual_dir was given: '
           f'run `tfds build tfds_lld/{name} --config={config} --manual_dir=DIR` or set '
           f'--config.dataset.manual_dir to the folder holding the download')
+    if not os.path.isdir(manual_dir):
+      raise FileNotFoundError(f'dataset {name}/{config} is not built in {builder.data_dir}, and '
+                              f'dataset.manual_dir={manual_dir} is not a folder: point it at the download')
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 

@@ -10,6 +10,7 @@ parameters as an uninterrupted one. The best checkpoint by validation mAP50 is k
 import functools
 import json
 import os
+import shutil
 import signal
 
 from absl import app
@@ -34,38 +35,86 @@ from lld_jax.train_step import predict_step  # noqa: F401
 from lld_jax.train_step import train_step
 
 def checkpoint_managers(workdir, config):
+  # The handler is named so that a new process can read a checkpoint's metadata before restoring it.
   latest = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      os.path.join(os.path.abspath(workdir), 'checkpoints'), item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
   best = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'best'),
+      os.path.join(os.path.abspath(workdir), 'best'), item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m['mAP50'],
                                            best_mode='max'))
   return latest, best
 
 
+def _shapes_by_path(tree):
+  flat = flax.traverse_util.flatten_dict(tree, sep='/') if tree else {}
+  return {path: tuple(leaf.shape) for path, leaf in flat.items() if hasattr(leaf, 'shape')}
+
+
+def check_matches_config(saved_tree, abstract_state, where):
+  """Raises a ValueError naming the first parameters whose shapes differ between a checkpoint and the config."""
+  if not saved_tree.get('params'):
+    logging.warning('checkpoint %s has no parameter metadata; its shapes are checked on restore only', where)
+    return
+  saved = _shapes_by_path(saved_tree['params'])
+  expected = _shapes_by_path(flax.core.unfreeze(abstract_state.params))
+  problems = [f'{k}: checkpoint {saved[k]} vs config {expected[k]}' for k in sorted(saved.keys() & expected.keys())
+              if saved[k] != expected[k]]
+  problems += [f'{k}: in the config, not in the checkpoint' for k in sorted(expected.keys() - saved.keys())]
+  problems += [f'{k}: in the checkpoint, not in the config' for k in sorted(saved.keys() - expected.keys())]
+  if problems:
+    shown = '; '.join(problems[:5]) + (f'; and {len(problems) - 5} more' if len(problems) > 5 else '')
+    raise ValueError(f'checkpoint {where} does not match this config (a different model or number of classes?): '
+                     f'{len(problems)} parameter(s) differ: {shown}')
+
+
 def restore_latest(manager, state):
-  """The latest complete checkpoint (orbax skips unfinished ones), or `state` when there is none."""
-  step = manager.latest_step()
-  if step is None:
-    return state
+  """The newest readable checkpoint, or `state` when there is none.
+
+  A checkpoint cut short while being written is skipped with a warning and the one before it is used: orbax
+  never lists its unfinished temporary folders, and a listed step whose files are damaged fails to read. A
+  checkpoint of another model (different shapes) is an error, not something to skip.
+  """
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as error:
-    raise ValueError(f'checkpoint {manager.directory}/{step} does not match this config (different model or '
-                     f'number of classes?): {error}') from error
+  for step in sorted(manager.all_steps(), reverse=True):
+    where = f'{manager.directory}/{step}'
+    try:
+      metadata = manager.item_metadata(step)
+      saved = getattr(metadata, 'tree', metadata)
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning('checkpoint %s is unreadable (%s: %s); trying the one before it', where,
+                      type(error).__name__, error)
+      continue
+    check_matches_config(saved if isinstance(saved, dict) else {}, abstract, where)
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning('checkpoint %s is damaged or half-written (%s: %s); trying the one before it', where,
+                      type(error).__name__, error)
+  if manager.all_steps():
+    logging.warning('no readable checkpoint in %s: starting from scratch', manager.directory)
+  return state
 
 
-def check_workdir(workdir):
-  os.makedirs(workdir, exist_ok=True)
+def check_workdir(workdir, state=None, config=None):
+  """Fails before any training time is spent when `workdir` is not writable, or lacks the space for the
+  checkpoints (`keep_checkpoints` + the best one + one being written) of `state`."""
   probe = os.path.join(workdir, '.write_probe')
   try:
+    os.makedirs(workdir, exist_ok=True)
     with open(probe, 'w') as f:
       f.write('x' * 1024)
     os.remove(probe)
   except OSError as error:
     raise OSError(f'workdir {workdir} is not writable: {error}') from error
+  if state is not None:
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, 'size'))
+    needed = state_bytes * (config.keep_checkpoints + 2)
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+      raise OSError(f'workdir {workdir} has {free / 2**20:.1f} MiB free, but its checkpoints need about '
+                    f'{needed / 2**20:.1f} MiB ({config.keep_checkpoints} kept + best + one being written, '
+                    f'{state_bytes / 2**20:.1f} MiB each): free some space or choose another --workdir')
 
 
 class _SigtermFlag:
@@ -102,6 +151,7 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
     json.dump(list(info.class_names), f)
   model = create_model(config, info.num_classes)
   state, tx = create_train_state(model, config, jax.random.PRNGKey(config.seed))
+  check_workdir(workdir, state, config)
   latest_manager, best_manager = checkpoint_managers(workdir, config)
   state = restore_latest(latest_manager, state)
   start_step = int(state.step)
@@ -125,6 +175,13 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
   def save(step, replicated):
     latest_manager.save(step, args=ocp.args.StandardSave(sharding.unreplicate(replicated)))
 
+  def write_pending(step, pending):
+    host = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], m) for m in pending])
+    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    scalars['nonfinite_steps'] = float(sum(m['nonfinite_step'] for m in host))
+    del scalars['nonfinite_step']
+    writer.write_scalars(step, scalars)
+
   while step < config.total_steps:
     batch = next(train_iter)
     replicated, metrics = p_train_step(replicated, batch)
@@ -133,26 +190,30 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
     progress(step)
     is_last = step == config.total_steps
     if step % config.log_every_steps == 0 or is_last:
-      host = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], m) for m in pending])
-      scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      scalars['nonfinite_steps'] = float(sum(m['nonfinite_step'] for m in host))
-      del scalars['nonfinite_step']
-      writer.write_scalars(step, scalars)
+      write_pending(step, pending)
       pending = []
       in_a_row = int(replicated.nonfinite_in_a_row[0])
       if in_a_row and (config.nonfinite.policy == 'stop' or in_a_row >= config.nonfinite.max_consecutive):
         latest_manager.wait_until_finished()
         raise FloatingPointError(
-            f'{in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}); their updates were '
-            f'skipped and the last good checkpoint is step {latest_manager.latest_step()} in {workdir}')
+            f'training stopped: {in_a_row} steps in a row had a non-finite loss or gradient (up to step {step}, '
+            f'nonfinite.policy={config.nonfinite.policy}, max_consecutive={config.nonfinite.max_consecutive}); '
+            f'their updates were skipped, and the last good checkpoint is step {latest_manager.latest_step()} in '
+            f'{workdir}: lower the learning rate or check the data, then rerun to resume from it')
     if sigterm.raised or step == stop_at_step:
       logging.warning('%s: saving step %d and exiting', 'SIGTERM' if sigterm.raised else 'stop_at_step', step)
       save(step, replicated)
+      if pending:  # the metrics of an unfinished logging window are not lost
+        write_pending(step, pending)
       latest_manager.wait_until_finished()
       writer.flush()
       return sharding.unreplicate(replicated)
     if step % config.checkpoint_every_steps == 0 or is_last:
-      save(step, replicated)
+      in_a_row = int(replicated.nonfinite_in_a_row[0])
+      if in_a_row:  # keep the last good checkpoint the newest one
+        logging.warning('step %d: checkpoint not saved, the last %d steps were non-finite', step, in_a_row)
+      else:
+        save(step, replicated)
     if step % config.eval_every_steps == 0 or is_last:
       from lld_jax import evaluate  # evaluation pulls in pycocotools and matplotlib
       with progress.timed('eval'):

@@ -11,8 +11,8 @@ Writes FILE.json and prints it. Keys (rates are per second of wall time, measure
   train_flops_per_s       train_step_flops x steps/s
   matmul_peak_flops_per_s one device's measured peak (bf16 8192^2 matmul on GPU/TPU, f32 2048^2 on CPU)
   mfu                     train_flops_per_s / (matmul peak x devices; x1 on CPU, whose devices share the cores)
-  matcher_fraction        Hungarian matching time per step (vmapped over the per-device batch, times the number
-                          of matchings per step) / step time
+  matcher_fraction        Hungarian matching time per step (one assignment vmapped over the matched prediction
+                          sets and the per-device batch, as in the step) / step time
   pipeline_images_per_s   input_pipeline.train_dataset as numpy on the host (null with --synthetic_batches or
                           when the dataset is not available; then the train step runs on random batches)
   infer_images_per_s_b1/_b8  jitted train.predict_step on one device
@@ -21,11 +21,19 @@ Writes FILE.json and prints it. Keys (rates are per second of wall time, measure
                           of this script with --only_train_throughput; null with a reason in scaling_2dev_note
   recompiles_after_first_step  backend compilations of the train step after its first call, with the outputs
                           fed back and the state donated as in training; the script exits 1 unless it is 0
+
+With --profile=FILE.txt it also traces a few steps with jax.profiler and attributes every executed XLA
+operation (CPU thunks, GPU kernels) to the model component it came from, through the op_name metadata of the
+compiled program: milliseconds per step by component, forward and backward apart, and the top operations.
 """
 
+import collections
 import functools
+import glob
+import gzip
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -63,6 +71,8 @@ flags.DEFINE_integer('infer_repeats', None, 'Timed predict calls per batch size 
 flags.DEFINE_bool('synthetic_batches', False, 'Random batches instead of the dataset; pipeline_images_per_s=null.')
 flags.DEFINE_bool('skip_scaling', False, 'Do not measure the 1 -> 2 device scaling.')
 flags.DEFINE_bool('only_train_throughput', False, 'Internal (scaling subprocesses): only the train throughput.')
+flags.DEFINE_string('profile', None, 'Also profile a few train steps and write where the time goes (text file).')
+flags.DEFINE_integer('profile_steps', 3, 'Steps traced by --profile.')
 flags.mark_flags_as_required(['config', 'out'])
 FLAGS = flags.FLAGS
 
@@ -115,6 +125,67 @@ def num_classes_for(config):
   except Exception as error:  # pylint: disable=broad-except
     logging.warning('class count from the builder failed (%s); using LLD\'s %d', error, lld_format.NUM_CLASSES)
     return lld_format.NUM_CLASSES
+
+
+_CONTROL_FLOW = ('while', 'body', 'cond', 'closed_call', 'checkpoint', 'remat')
+
+
+def op_names(hlo_text):
+  """{instruction name: op_name} from a compiled module's text (fusions carry their root's metadata)."""
+  names = {}
+  for line in hlo_text.splitlines():
+    match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"', line)
+    if match:
+      names[match.group(1)] = match.group(2)
+  return names
+
+
+def component(op_name, depth=2):
+  """'jit(f)/transpose(jvp(Detector))/decoder0/cross_attention/mul' -> 'backward: decoder0/cross_attention'.
+
+  Model scopes are the plain path parts; transformations (jvp(...), vmap(...), pmap(...)) carry parentheses, and
+  the last part is the primitive itself.
+  """
+  parts = op_name.split('/')
+  direction = 'backward' if any(p.startswith('transpose(') for p in parts) else 'forward'
+  if 'while' in parts:
+    return f'{direction}: matching (Hungarian loops)'
+  scope = [p for p in parts[:-1] if '(' not in p and p not in _CONTROL_FLOW]
+  return f'{direction}: {"/".join(scope[:depth]) or "(step: loss, optimizer, collectives)"}'
+
+
+def profile_steps(p_step, replicated, batch, compiled_text, num_steps, out_path):
+  """Traces `num_steps` steps and writes the per-component breakdown; returns the state after them."""
+  names = op_names(compiled_text)
+  trace_dir = tempfile.mkdtemp(prefix='lld_profile_')
+  start = time.perf_counter()
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(num_steps):
+      replicated, metrics = p_step(replicated, batch)
+    block((replicated, metrics))
+  traced_s = (time.perf_counter() - start) / num_steps
+  with gzip.open(sorted(glob.glob(os.path.join(trace_dir, '**', '*.json.gz'), recursive=True))[-1]) as f:
+    trace = json.load(f)
+  by_component, by_op = collections.Counter(), collections.Counter()
+  for event in trace['traceEvents'] if isinstance(trace, dict) else trace:
+    name = event.get('name', '').split(':')[0]
+    if event.get('ph') == 'X' and name in names:
+      by_component[component(names[name])] += event.get('dur', 0)
+      by_op[f'{name} <- {names[name][-100:]}'] += event.get('dur', 0)
+  attributed_ms = sum(by_component.values()) / 1e3 / num_steps
+  lines = [f'{jax.devices()[0].device_kind} x {jax.local_device_count()}, {config_path()} {" ".join(config_overrides())}',
+           f'step under the profiler: {traced_s * 1e3:.1f} ms; operations attributed: {attributed_ms:.1f} ms per step '
+           '(summed over devices; CPU operations can also overlap)', '', '  ms/step  share  component']
+  for label, micros in by_component.most_common(40):
+    ms = micros / 1e3 / num_steps
+    lines.append(f'{ms:9.2f}  {ms / max(attributed_ms, 1e-9):5.1%}  {label}')
+  lines += ['', 'top operations, ms/step:']
+  lines += [f'{micros / 1e3 / num_steps:9.2f}  {label}' for label, micros in by_op.most_common(25)]
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  return replicated
 
 
 def random_batch(config, num_devices, num_classes, seed=0):
@@ -186,10 +257,11 @@ def matmul_peak(platform, repeats=5):
 
 
 def matcher_seconds(config, repeats):
-  """Seconds of one vmapped Hungarian matching over the per-device batch (random costs)."""
-  shape = (config.per_device_batch_size, config.model.num_queries, config.max_objects)
+  """Seconds of the step's Hungarian matching: one assignment vmapped over every matched prediction set and the
+  per-device batch, as lld_jax.criterion runs it (random costs)."""
+  shape = (matchings_per_step(config), config.per_device_batch_size, config.model.num_queries, config.max_objects)
   cost = jax.random.uniform(jax.random.PRNGKey(1), shape)
-  f = jax.jit(jax.vmap(matching.hungarian_match))
+  f = jax.jit(jax.vmap(jax.vmap(matching.hungarian_match)))
   block(f(cost))
   times = []
   for _ in range(repeats):
@@ -200,8 +272,11 @@ def matcher_seconds(config, repeats):
 
 
 def matchings_per_step(config):
+  """Prediction sets matched per step: the decoder layers (all with aux_loss), plus the proposals when the
+  encoder is matched one-to-one."""
   m = config.model
-  return (m.num_decoder_layers if config.loss.aux_loss else 1) + (1 if m.two_stage else 0)
+  encoder = m.two_stage and config.loss.encoder_loss == 'one_to_one'
+  return (m.num_decoder_layers if config.loss.aux_loss else 1) + (1 if encoder else 0)
 
 
 def time_predict(model, variables, config, batch_size, repeats):
@@ -310,7 +385,8 @@ def main(argv):
                          'num_truncated')}
 
   model = train.create_model(config, num_classes)
-  state, tx = train.create_train_state(model, config, jax.random.PRNGKey(config.seed))
+  state, tx = train.create_train_state(model, config, jax.random.PRNGKey(config.seed),
+                                       load_pretrained=False)  # speed does not depend on the weights
   host_variables = None if FLAGS.only_train_throughput else jax.device_get(train.model_variables(state, False))
   replicated = sharding.replicate(state)
   del state
@@ -322,6 +398,7 @@ def main(argv):
   compiled = p_step.lower(replicated, batch).compile()
   results['compile_s'] = time.perf_counter() - start
   per_device_flops = total_flops(compiled)
+  compiled_text = compiled.as_text() if FLAGS.profile else None
   del compiled
 
   # First call (may reuse the AOT executable), then warm-up, then the timed steps, outputs fed back.
@@ -343,6 +420,8 @@ def main(argv):
   results['recompiles_after_first_step'] = recompiles
   loss = float(jax.device_get(metrics['loss'])[0])
   results['final_loss'] = loss
+  if FLAGS.profile:
+    replicated = profile_steps(p_step, replicated, batch, compiled_text, FLAGS.profile_steps, FLAGS.profile)
 
   if FLAGS.only_train_throughput:
     write(results)
@@ -361,9 +440,9 @@ def main(argv):
   del replicated, batch, metrics
   match_s = matcher_seconds(config, repeats=5 if platform == 'cpu' else 20)
   n_match = matchings_per_step(config)
-  results['matcher_s_per_matching'] = match_s
+  results['matcher_s'] = match_s
   results['matchings_per_step'] = n_match
-  results['matcher_fraction'] = match_s * n_match / step_s
+  results['matcher_fraction'] = match_s / step_s
 
   repeats = FLAGS.infer_repeats or (5 if platform == 'cpu' else 20)
   results['infer_images_per_s_b1'] = time_predict(model, host_variables, config, 1, repeats)
