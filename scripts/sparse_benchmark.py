@@ -1,13 +1,15 @@
 r"""The sparse-annotation benchmark: four settings trained with the same budget, evaluated on full labels.
 
   python scripts/sparse_benchmark.py --dataset=synthetic --steps=2000 --out=runs/sparse_synthetic
-  python scripts/sparse_benchmark.py --dataset=txl_pbc --steps=2000 --out=runs/sparse_txl
+  python scripts/sparse_benchmark.py --dataset=txl_pbc --steps=2000 --out=runs/sparse_txl [--config.key=value ...]
 
 Settings: (a) full labels; (b) sparse labels with the unlabelled area as background; (c) region-restricted
 matching; (d) (c) + pseudo-labels. For `synthetic`, one synthetic download is written in the YOLO layout (full)
 and one in the sparse layout from the same seed (the same images), and every setting is evaluated on the fully
 annotated test split. For `txl_pbc`, the `sparse` builder config simulates the sparse train split and every
-setting is evaluated on the fully annotated val split. Writes OUT/table.md and OUT/table.json.
+setting is evaluated on the fully annotated val split. Pseudo-labels start after a third of the budget
+(`--pseudo_warmup_fraction`), at the score threshold `--pseudo_threshold`. Writes OUT/table.md and OUT/table.json,
+with the number of pseudo-labels in use at the end of (d)'s training.
 """
 
 import argparse
@@ -15,6 +17,8 @@ import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 SETTINGS = {
     'a_full': ['--config.dataset.config=full'],
@@ -29,14 +33,33 @@ def _run(args):
   subprocess.run(args, check=True)
 
 
+def _last_logged(workdir, tag):
+  """The value of scalar `tag` at the last step the trainer logged it (None if never)."""
+  import glob
+  import tensorflow as tf
+  last = (-1, None)
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag and event.step >= last[0]:
+          last = (event.step, float(np.asarray(tf.make_ndarray(value.tensor))))
+  return last[1]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--dataset', choices=('synthetic', 'txl_pbc'), required=True)
   parser.add_argument('--steps', type=int, required=True)
   parser.add_argument('--out', required=True)
   parser.add_argument('--txl_dir', default='../shared/data/txl_pbc')
-  parser.add_argument('overrides', nargs='*', help='extra --config.key=value overrides for every setting')
-  args = parser.parse_args()
+  parser.add_argument('--pseudo_threshold', type=float, default=0.95, help='teacher score for a pseudo-label')
+  parser.add_argument('--pseudo_warmup_fraction', type=float, default=1 / 3,
+                      help='share of the budget trained before pseudo-labels start')
+  args, overrides = parser.parse_known_args()
+  wrong = [o for o in overrides if not o.startswith('--config.')]
+  if wrong:
+    parser.error(f'unrecognized arguments (only --config.key=value overrides pass through): {wrong}')
+  args.overrides = overrides
   py = sys.executable
   os.makedirs(args.out, exist_ok=True)
   if args.dataset == 'synthetic':
@@ -44,7 +67,7 @@ def main():
     downloads = {'full': os.path.join(args.out, 'download_full'), 'sparse': os.path.join(args.out, 'download_sparse')}
     for layout, path in (('yolo', downloads['full']), ('sparse', downloads['sparse'])):
       if not os.path.isdir(path):
-        _run([py, '-m', 'tfds_lld.synthetic', '--out', path, '--layout', layout, '--subsets', 'H_40x_C1',
+        _run([py, '-m', 'tfds_lld.synthetic', '--out', path, '--layout', layout, '--subsets', 'H_100x_C1',
               '--patients', '20', '--images-per-patient', '10', '--seed', '0'])
     split = 'test'
   else:
@@ -57,16 +80,21 @@ def main():
     workdir = os.path.join(args.out, name)
     common = [f'--config={config}', f'--workdir={workdir}', f'--config.total_steps={args.steps}',
               f'--config.eval_every_steps={args.steps}', f'--config.dataset.manual_dir={downloads[kind]}',
-              f'--config.dataset.data_dir={os.path.join(args.out, "tfds")}', '--config.model.num_queries=40',
+              f'--config.dataset.data_dir={os.path.join(args.out, "tfds")}',
               f'--config.dataset.eval_split={split}'] + overrides + args.overrides
+    if name.startswith('d_'):
+      common += [f'--config.pseudo_labels.threshold={args.pseudo_threshold}',
+                 f'--config.pseudo_labels.warmup_steps={int(args.steps * args.pseudo_warmup_fraction)}']
     _run([py, '-m', 'lld_jax.train'] + common)
     _run([py, '-m', 'lld_jax.evaluate'] + [c for c in common if not c.startswith('--config.total_steps')])
     with open(os.path.join(workdir, 'eval', split, 'metrics.json')) as f:
       metrics = json.load(f)
     rows[name] = {k: metrics.get(k) for k in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict')}
+    rows[name]['pseudo_labels_per_step'] = _last_logged(workdir, 'num_pseudo_labels')
   with open(os.path.join(args.out, 'table.json'), 'w') as f:
     json.dump(rows, f, indent=2)
-  lines = ['| setting | mAP50 | mAP50:95 | attribute mean F1 (strict) |', '|---|---|---|---|']
+  lines = ['| setting | mAP50 | mAP50:95 | attribute mean F1 (strict) | pseudo-labels per step (last log) |',
+           '|---|---|---|---|---|']
   for name, row in rows.items():
     lines.append(f'| {name} | ' + ' | '.join('-' if v is None else f'{v:.3f}' for v in row.values()) + ' |')
   with open(os.path.join(args.out, 'table.md'), 'w') as f:

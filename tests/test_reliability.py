@@ -15,7 +15,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -159,17 +158,27 @@ def test_half_written_checkpoint_falls_back_to_the_previous_one(data, uninterrup
 
 
 def _poison_images_from(step):
-  original = train.train_step
+  """The trainer's input pipeline, with NaN images from batch `step` on (the compiled step stays the same)."""
+  original = train.input_pipeline.train_dataset
 
-  def poisoned(state, batch, **kwargs):
-    image = jnp.where(state.step >= step, jnp.nan, batch['image'])
-    return original(state, dict(batch, image=image), **kwargs)
+  class Poisoned:
+    def __init__(self, dataset, start_batch):
+      self.dataset, self.start_batch = dataset, start_batch
+
+    def as_numpy_iterator(self):
+      for index, batch in enumerate(self.dataset.as_numpy_iterator(), start=self.start_batch):
+        if index >= step:
+          batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+        yield batch
+
+  def poisoned(*args, start_batch=0, **kwargs):
+    return Poisoned(original(*args, start_batch=start_batch, **kwargs), start_batch)
   return poisoned
 
 
 @pytest.mark.parametrize('policy', ['skip', 'stop'])
 def test_non_finite_steps_stop_at_the_last_good_checkpoint(data, monkeypatch, policy):
-  monkeypatch.setattr(train, 'train_step', _poison_images_from(5))  # state.step 5 is the 6th step
+  monkeypatch.setattr(train.input_pipeline, 'train_dataset', _poison_images_from(5))  # from the 6th step
   config = _config(data, **{'nonfinite.policy': policy, 'nonfinite.max_consecutive': 3})
   workdir = data / f'nan_{policy}'
   with pytest.raises(FloatingPointError) as error:
