@@ -221,6 +221,8 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
                                          config.dataset.eval_split, config)
       scalars = {f'eval/{k}': v for k, v in result.metrics.items() if np.isscalar(v) and np.isfinite(v)}
       writer.write_scalars(step, scalars)
+      if is_last:  # what `lld_jax.evaluate` would write for this split, without evaluating twice
+        evaluate.write_evaluation(result, os.path.join(workdir, 'eval', config.dataset.eval_split))
       best_manager.save(step, args=ocp.args.StandardSave(sharding.unreplicate(replicated)),
                         metrics={'mAP50': float(np.nan_to_num(result.metrics['mAP50']))})
   latest_manager.wait_until_finished()
