@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 from absl import app
 from absl import flags
@@ -68,6 +69,15 @@ def check_matches_config(saved_tree, abstract_state, where):
                      f'{len(problems)} parameter(s) differ: {shown}')
 
 
+def _set_aside(manager, where, error):
+  """Renames a damaged checkpoint out of the way of the step's next save, keeping it for inspection."""
+  aside = f'{where}.damaged-{int(time.time())}'
+  os.rename(where, aside)
+  manager.reload()
+  logging.warning('checkpoint %s is damaged or half-written (%s: %s); moved to %s, trying the one before it',
+                  where, type(error).__name__, error, aside)
+
+
 def restore_latest(manager, state):
   """The newest readable checkpoint, or `state` when there is none.
 
@@ -82,15 +92,13 @@ def restore_latest(manager, state):
       metadata = manager.item_metadata(step)
       saved = getattr(metadata, 'tree', metadata)
     except Exception as error:  # pylint: disable=broad-except
-      logging.warning('checkpoint %s is unreadable (%s: %s); trying the one before it', where,
-                      type(error).__name__, error)
+      _set_aside(manager, where, error)
       continue
     check_matches_config(saved if isinstance(saved, dict) else {}, abstract, where)
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as error:  # pylint: disable=broad-except
-      logging.warning('checkpoint %s is damaged or half-written (%s: %s); trying the one before it', where,
-                      type(error).__name__, error)
+      _set_aside(manager, where, error)
   if manager.all_steps():
     logging.warning('no readable checkpoint in %s: starting from scratch', manager.directory)
   return state

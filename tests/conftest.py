@@ -18,3 +18,5 @@ import jax  # noqa: E402  (after the XLA flags)
 
 jax.config.update('jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(), 'lld_jax_test_jit_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+from tiny_training import tiny_download, uninterrupted_run  # noqa: E402,F401  (session fixtures)

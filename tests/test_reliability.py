@@ -1,9 +1,10 @@
 """Preemption, damaged checkpoints, numerical faults and the errors raised before training starts, on the tiny
 config with 2 simulated devices.
 
-Killed runs are separate processes (`python -m lld_jax.train`), stopped with SIGTERM or SIGKILL once their first
-checkpoint exists; they resume here and must end with exactly the parameters and the logged losses and
-evaluation metrics of an uninterrupted run.
+Interrupted runs are separate processes (`python -m lld_jax.train`): the first is stopped with SIGTERM once its
+first checkpoint exists, the second resumes and is killed with SIGKILL after its next checkpoint, and the run is
+finished here. It must end with exactly the parameters and the logged losses and evaluation metrics of an
+uninterrupted run.
 """
 
 import glob
@@ -21,42 +22,10 @@ import tensorflow as tf
 
 from lld_jax import evaluate
 from lld_jax import train
-from tfds_lld import synthetic
+from tiny_training import TOTAL_STEPS
 from tiny_training import tiny_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL_STEPS = 16
-
-
-def _config(root, **overrides):
-  c = tiny_config(root / 'download', root / 'tfds')
-  c.total_steps = TOTAL_STEPS
-  c.log_every_steps = 1  # a logging window cut by an interruption would average fewer steps
-  c.checkpoint_every_steps = 2
-  c.eval_every_steps = TOTAL_STEPS
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return c
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-  root = tmp_path_factory.mktemp('reliability')
-  synthetic.generate(str(root / 'download'), 'coco', subsets=('H_100x_C1',), patients=3, images_per_patient=2,
-                     seed=2)
-  return root
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(data):
-  workdir = data / 'uninterrupted'
-  state = train.train_and_evaluate(_config(data), str(workdir))
-  assert int(state.step) == TOTAL_STEPS
-  return workdir, state
 
 
 def _logged_scalars(workdir):
@@ -77,7 +46,7 @@ def _comparable(scalars):
 
 def _assert_same_run(workdir, reference):
   reference_dir, reference_state = reference
-  _, state = evaluate.restore_for_inference(_config(workdir.parent), str(workdir), 14)
+  _, state = evaluate.restore_for_inference(tiny_config(workdir.parent), str(workdir), 14)
   assert int(state.step) == TOTAL_STEPS
   for name in ('params', 'ema_params', 'opt_state'):
     for a, b in zip(jax.tree_util.tree_leaves(getattr(state, name)),
@@ -88,27 +57,22 @@ def _assert_same_run(workdir, reference):
   assert logged == expected
 
 
-def _write_config_file(data, path):
-  path.write_text(
-      'import sys\n'
-      f'sys.path.insert(0, {os.path.join(REPO_ROOT, "tests")!r})\n'
-      'import pathlib\n'
-      'import test_reliability\n\n\n'
-      'def get_config():\n'
-      f'  return test_reliability._config(pathlib.Path({str(data)!r}))\n')
-
-
-def _start_and_interrupt(data, workdir, signum):
-  """Runs the trainer in a child process and sends `signum` once its first checkpoint is complete."""
+def _start_and_interrupt(root, workdir, signum, after_checkpoint):
+  """Runs the trainer in a child process and sends `signum` once checkpoint `after_checkpoint` is complete."""
   config_file = workdir.parent / f'{workdir.name}_config.py'
-  _write_config_file(data, config_file)
+  config_file.write_text(
+      'import pathlib\nimport sys\n'
+      f'sys.path.insert(0, {os.path.join(REPO_ROOT, "tests")!r})\n'
+      'from tiny_training import tiny_config\n\n\n'
+      'def get_config():\n'
+      f'  return tiny_config(pathlib.Path({str(root)!r}))\n')
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(jax.config.jax_persistent_cache_min_compile_time_secs))
   child = subprocess.Popen([sys.executable, '-m', 'lld_jax.train', f'--config={config_file}',
                             f'--workdir={workdir}'], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
-  while not os.path.isdir(workdir / 'checkpoints' / '2'):
+  while not os.path.isdir(workdir / 'checkpoints' / str(after_checkpoint)):
     if child.poll() is not None:
       raise AssertionError(f'trainer exited early with {child.returncode}:\n{child.stderr.read()[-3000:]}')
     assert time.time() < deadline, 'no checkpoint after 10 minutes'
@@ -118,23 +82,28 @@ def _start_and_interrupt(data, workdir, signum):
   return child.returncode, stderr
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGKILL], ids=['sigterm', 'sigkill'])
-def test_interrupted_run_resumes_to_the_uninterrupted_result(data, uninterrupted, signum):
-  workdir = data / f'interrupted_{signal.Signals(signum).name}'
-  returncode, stderr = _start_and_interrupt(data, workdir, signum)
-  saved = sorted(int(os.path.basename(p)) for p in glob.glob(str(workdir / 'checkpoints' / '[0-9]*')))
-  assert saved and max(saved) < TOTAL_STEPS, saved  # really interrupted
-  if signum == signal.SIGTERM:
-    assert returncode == 0 and 'SIGTERM: saving step' in stderr, stderr[-2000:]
-  else:
-    assert returncode == -signal.SIGKILL
-  train.train_and_evaluate(_config(data), str(workdir))
-  _assert_same_run(workdir, uninterrupted)
+def _saved_steps(workdir):
+  return sorted(int(os.path.basename(p)) for p in glob.glob(str(workdir / 'checkpoints' / '[0-9]*'))
+                if os.path.basename(p).isdigit())
 
 
-def test_half_written_checkpoint_falls_back_to_the_previous_one(data, uninterrupted):
-  workdir = data / 'damaged'
-  shutil.copytree(uninterrupted[0], workdir)
+def test_sigterm_then_sigkill_resumes_to_the_uninterrupted_result(tiny_download, uninterrupted_run):
+  workdir = tiny_download / 'preempted'
+  returncode, stderr = _start_and_interrupt(tiny_download, workdir, signal.SIGTERM, after_checkpoint=2)
+  assert returncode == 0 and 'SIGTERM: saving step' in stderr, stderr[-2000:]
+  after_sigterm = max(_saved_steps(workdir))
+  assert after_sigterm < TOTAL_STEPS  # really interrupted
+  next_checkpoint = after_sigterm + 2 - after_sigterm % 2
+  returncode, _ = _start_and_interrupt(tiny_download, workdir, signal.SIGKILL, after_checkpoint=next_checkpoint)
+  assert returncode == -signal.SIGKILL
+  assert max(_saved_steps(workdir)) < TOTAL_STEPS
+  train.train_and_evaluate(tiny_config(tiny_download), str(workdir))
+  _assert_same_run(workdir, uninterrupted_run)
+
+
+def test_half_written_checkpoint_falls_back_to_the_previous_one(tiny_download, uninterrupted_run):
+  workdir = tiny_download / 'damaged'
+  shutil.copytree(uninterrupted_run[0], workdir)
   checkpoints = workdir / 'checkpoints'
   assert sorted(os.listdir(checkpoints)) == [str(TOTAL_STEPS - 2), str(TOTAL_STEPS)]
   # The newest checkpoint lost its array data (a write cut short), and a later save never finished.
@@ -142,18 +111,17 @@ def test_half_written_checkpoint_falls_back_to_the_previous_one(data, uninterrup
     os.remove(data_file)
   partial = checkpoints / f'{TOTAL_STEPS + 2}.orbax-checkpoint-tmp-1234'
   shutil.copytree(checkpoints / str(TOTAL_STEPS - 2), partial)
-  model_state, _ = train.create_train_state(train.create_model(_config(data), 14), _config(data),
-                                            jax.random.PRNGKey(0), load_pretrained=False)
-  manager, _ = train.checkpoint_managers(str(workdir), _config(data))
+  config = tiny_config(tiny_download)
+  model_state, _ = train.create_train_state(train.create_model(config, 14), config, jax.random.PRNGKey(0),
+                                            load_pretrained=False)
+  manager, _ = train.checkpoint_managers(str(workdir), config)
   restored = train.restore_latest(manager, model_state)
   assert int(restored.step) == TOTAL_STEPS - 2
+  assert len(glob.glob(str(checkpoints / f'{TOTAL_STEPS}.damaged-*'))) == 1  # set aside, not deleted
   # Training resumes from it and redoes the last steps exactly.
-  shutil.rmtree(partial)
-  shutil.rmtree(checkpoints / str(TOTAL_STEPS))
-  for path in glob.glob(str(workdir / 'events.out.tfevents.*')):
-    os.remove(path)  # the logs of the redone steps are compared below, not the old ones
-  state = train.train_and_evaluate(_config(data), str(workdir))
-  for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(uninterrupted[1].params)):
+  state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == TOTAL_STEPS
+  for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(uninterrupted_run[1].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -177,10 +145,10 @@ def _poison_images_from(step):
 
 
 @pytest.mark.parametrize('policy', ['skip', 'stop'])
-def test_non_finite_steps_stop_at_the_last_good_checkpoint(data, monkeypatch, policy):
+def test_non_finite_steps_stop_at_the_last_good_checkpoint(tiny_download, monkeypatch, policy):
   monkeypatch.setattr(train.input_pipeline, 'train_dataset', _poison_images_from(5))  # from the 6th step
-  config = _config(data, **{'nonfinite.policy': policy, 'nonfinite.max_consecutive': 3})
-  workdir = data / f'nan_{policy}'
+  config = tiny_config(tiny_download, **{'nonfinite.policy': policy, 'nonfinite.max_consecutive': 3})
+  workdir = tiny_download / f'nan_{policy}'
   with pytest.raises(FloatingPointError) as error:
     train.train_and_evaluate(config, str(workdir))
   stopped_at = 8 if policy == 'skip' else 6  # 3 bad steps in a row, or the first one
@@ -195,21 +163,21 @@ def test_non_finite_steps_stop_at_the_last_good_checkpoint(data, monkeypatch, po
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored.params))
 
 
-def test_config_that_does_not_match_the_checkpoint(data, uninterrupted):
-  workdir = data / 'mismatch'
-  shutil.copytree(uninterrupted[0], workdir)
-  config = _config(data, **{'model.hidden_dim': 48})
+def test_config_that_does_not_match_the_checkpoint(tiny_download, uninterrupted_run):
+  workdir = tiny_download / 'mismatch'
+  shutil.copytree(uninterrupted_run[0], workdir)
+  config = tiny_config(tiny_download, **{'model.hidden_dim': 48})
   with pytest.raises(ValueError, match=r'does not match this config.*checkpoint \(32,\) vs config \(48,\)'):
     train.train_and_evaluate(config, str(workdir))
 
 
-def test_errors_before_any_training(data, tmp_path, monkeypatch):
+def test_errors_before_any_training(tiny_download, tmp_path, monkeypatch):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a folder')
   with pytest.raises(OSError, match='is not writable'):
-    train.train_and_evaluate(_config(data), str(blocker / 'workdir'))
+    train.train_and_evaluate(tiny_config(tiny_download), str(blocker / 'workdir'))
 
-  missing = _config(data, **{'dataset.manual_dir': str(tmp_path / 'no_download'),
+  missing = tiny_config(tiny_download, **{'dataset.manual_dir': str(tmp_path / 'no_download'),
                              'dataset.data_dir': str(tmp_path / 'no_tfds')})
   with pytest.raises(FileNotFoundError, match='no_download'):
     train.train_and_evaluate(missing, str(tmp_path / 'missing'))
@@ -217,5 +185,5 @@ def test_errors_before_any_training(data, tmp_path, monkeypatch):
 
   monkeypatch.setattr(train.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
   with pytest.raises(OSError, match='MiB free, but its checkpoints need'):
-    train.train_and_evaluate(_config(data), str(tmp_path / 'full'))
+    train.train_and_evaluate(tiny_config(tiny_download), str(tmp_path / 'full'))
   assert not os.path.exists(tmp_path / 'full' / 'checkpoints')
