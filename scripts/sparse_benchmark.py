@@ -85,8 +85,7 @@ def main():
     if name.startswith('d_'):
       common += [f'--config.pseudo_labels.threshold={args.pseudo_threshold}',
                  f'--config.pseudo_labels.warmup_steps={int(args.steps * args.pseudo_warmup_fraction)}']
-    _run([py, '-m', 'lld_jax.train'] + common)
-    _run([py, '-m', 'lld_jax.evaluate'] + [c for c in common if not c.startswith('--config.total_steps')])
+    _run([py, '-m', 'lld_jax.train'] + common)  # ends by evaluating the split into WORKDIR/eval/<split>/
     with open(os.path.join(workdir, 'eval', split, 'metrics.json')) as f:
       metrics = json.load(f)
     rows[name] = {k: metrics.get(k) for k in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict')}
