@@ -72,7 +72,8 @@ def check_matches_config(saved_tree, abstract_state, where):
 def _set_aside(manager, where, error):
   """Renames a damaged checkpoint out of the way of the step's next save, keeping it for inspection."""
   aside = f'{where}.damaged-{int(time.time())}'
-  os.rename(where, aside)
+  if jax.process_index() == 0:  # one host renames; the others only skip it
+    os.rename(where, aside)
   manager.reload()
   logging.warning('checkpoint %s is damaged or half-written (%s: %s); moved to %s, trying the one before it',
                   where, type(error).__name__, error, aside)
@@ -82,8 +83,9 @@ def restore_latest(manager, state):
   """The newest readable checkpoint, or `state` when there is none.
 
   A checkpoint cut short while being written is skipped with a warning and the one before it is used: orbax
-  never lists its unfinished temporary folders, and a listed step whose files are damaged fails to read. A
-  checkpoint of another model (different shapes) is an error, not something to skip.
+  never lists its unfinished temporary folders, and a listed step whose files are damaged fails to read its
+  metadata (it is renamed aside). A checkpoint of another model (different shapes) is an error, not something
+  to skip, and so is one whose metadata reads but whose state does not restore.
   """
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
   for step in sorted(manager.all_steps(), reverse=True):
@@ -98,7 +100,10 @@ def restore_latest(manager, state):
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as error:  # pylint: disable=broad-except
-      _set_aside(manager, where, error)
+      # Readable metadata with matching parameters: the rest of the state differs (another optimizer config?)
+      # or its arrays are damaged. Either way a person should look, rather than a run silently start over.
+      raise ValueError(f'checkpoint {where} could not be restored ({type(error).__name__}: {error}); if it is '
+                       'damaged, move it aside to resume from the one before it') from error
   if manager.all_steps():
     logging.warning('no readable checkpoint in %s: starting from scratch', manager.directory)
   return state
