@@ -77,3 +77,13 @@ def write_yolo_subset(root: Path, subset: str = 'L_40x_C2', splits=('train', 'va
         continue
       lab.write_text('' if (last and empty_last) else '\n'.join([row] * rows_per_image) + '\n')
   return folder
+
+
+def txl_pbc_root() -> Path | None:
+  """The real TXL-PBC folder (data.yaml, images/, labels/) beside the checkout, or None when it is absent."""
+  repo = Path(__file__).resolve().parents[1]
+  for candidate in (Path('/work/shared/data/txl_pbc'), repo.parent / 'shared/data/txl_pbc',
+                    repo / 'shared/data/txl_pbc'):
+    if (candidate / 'data.yaml').is_file():
+      return candidate
+  return None

@@ -15,9 +15,7 @@ from tfds_lld.lld import lld_dataset_builder as lld_b
 from tfds_lld.txl_pbc import txl_pbc_dataset_builder as txl_b
 import lld_download_helpers as H
 
-TXL_ROOT = Path('/work/shared/data/txl_pbc')
-if not TXL_ROOT.is_dir():
-  TXL_ROOT = Path(__file__).resolve().parents[1] / 'shared/data/txl_pbc'
+TXL_ROOT = H.txl_pbc_root() or Path('shared/data/txl_pbc')
 N_TXL = 10  # images per split copied from the real TXL-PBC
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from tfds_lld import parsers as P
 from tfds_lld import synthetic
+import lld_download_helpers as H
 
-TXL_SOURCE = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'txl_pbc'
+TXL_SOURCE = H.txl_pbc_root()
 SUBSETS = {'coco': 'H_100x_C1', 'yolo': 'L_40x_C2', 'sparse': 'H_10x_C1'}
 
 
@@ -22,6 +23,8 @@ def pristine(tmp_path_factory):
   root = tmp_path_factory.mktemp('pristine')
   for layout, subset in SUBSETS.items():
     synthetic.generate(str(root / layout), layout, [subset], patients=4, images_per_patient=2, seed=3)
+  if TXL_SOURCE is None:
+    return root  # the TXL-PBC cases skip
   txl = root / 'txl'
   (txl / 'labels').mkdir(parents=True)
   shutil.copy(TXL_SOURCE / 'data.yaml', txl / 'data.yaml')
@@ -211,6 +214,8 @@ def test_the_corpus_covers_every_layout_with_thirty_cases_or_more():
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_broken_download(pristine, tmp_path, case):
   layout = case.split('/')[0]
+  if layout == 'txl' and TXL_SOURCE is None:
+    pytest.skip('the real TXL-PBC images are not beside this checkout')
   root = tmp_path / layout
   shutil.copytree(pristine / layout, root)
   everything, _ = _parse(root, layout, 'raise')
