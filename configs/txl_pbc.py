@@ -12,13 +12,13 @@ from lld_jax.default_config import base_config
 
 def get_config():
   c = base_config()
-  c.total_steps = 3000
-  c.per_device_batch_size = 8
-  c.image_size = 320
+  c.total_steps = 1800
+  c.per_device_batch_size = 4
+  c.image_size = 256  # platelets, the smallest cells, are still about 20 px
   c.max_objects = 40  # at most 35 cells per image in TXL-PBC
   c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 250
+  c.eval_every_steps = 600
+  c.checkpoint_every_steps = 300
   c.dataset.name = 'txl_pbc'
   c.dataset.config = 'full'
   c.dataset.manual_dir = '../shared/data/txl_pbc'

@@ -17,15 +17,15 @@ def _put_leading_axis(x, devices):
   return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
 
 
-def shard(tree):
-  """Host arrays [local_devices, ...] -> device arrays split along the leading axis."""
-  devices = jax.local_devices()
+def shard(tree, devices=None):
+  """Host arrays [devices, ...] -> device arrays split along the leading axis (default: the local devices)."""
+  devices = jax.local_devices() if devices is None else devices
   return jax.tree_util.tree_map(lambda x: _put_leading_axis(np.asarray(x), devices), tree)
 
 
-def replicate(tree):
-  """One copy of every leaf on each local device (leading axis = devices)."""
-  devices = jax.local_devices()
+def replicate(tree, devices=None):
+  """One copy of every leaf on each device (leading axis = devices; default: the local devices)."""
+  devices = jax.local_devices() if devices is None else devices
   return jax.tree_util.tree_map(
       lambda x: _put_leading_axis(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), devices), tree)
 

@@ -183,27 +183,40 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
   sigterm = _SigtermFlag()
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   pending = []
+  input_wait_s, window_start = 0.0, time.perf_counter()
   step = start_step
 
   def save(step, replicated):
     latest_manager.save(step, args=ocp.args.StandardSave(sharding.unreplicate(replicated)))
 
-  def write_pending(step, pending):
+  def write_pending(step, pending, input_wait_fraction):
     host = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], m) for m in pending])
     scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     scalars['nonfinite_steps'] = float(sum(m['nonfinite_step'] for m in host))
     del scalars['nonfinite_step']
+    # Share of the window's wall time the loop spent waiting for the next batch: about 0 when the input
+    # pipeline keeps ahead of the step.
+    scalars['input_wait_fraction'] = input_wait_fraction
     writer.write_scalars(step, scalars)
 
+  def window_input_wait():
+    nonlocal input_wait_s, window_start
+    now = time.perf_counter()
+    fraction = input_wait_s / max(now - window_start, 1e-9)
+    input_wait_s, window_start = 0.0, now
+    return fraction
+
   while step < config.total_steps:
+    wait_start = time.perf_counter()
     batch = next(train_iter)
+    input_wait_s += time.perf_counter() - wait_start
     replicated, metrics = p_train_step(replicated, batch)
     step += 1
     pending.append(metrics)
     progress(step)
     is_last = step == config.total_steps
     if step % config.log_every_steps == 0 or is_last:
-      write_pending(step, pending)
+      write_pending(step, pending, window_input_wait())
       pending = []
       in_a_row = int(replicated.nonfinite_in_a_row[0])
       if in_a_row and (config.nonfinite.policy == 'stop' or in_a_row >= config.nonfinite.max_consecutive):
@@ -217,7 +230,7 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
       logging.warning('%s: saving step %d and exiting', 'SIGTERM' if sigterm.raised else 'stop_at_step', step)
       save(step, replicated)
       if pending:  # the metrics of an unfinished logging window are not lost
-        write_pending(step, pending)
+        write_pending(step, pending, window_input_wait())
       latest_manager.wait_until_finished()
       writer.flush()
       return sharding.unreplicate(replicated)
@@ -238,6 +251,7 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
         evaluate.write_evaluation(result, os.path.join(workdir, 'eval', config.dataset.eval_split))
       best_manager.save(step, args=ocp.args.StandardSave(sharding.unreplicate(replicated)),
                         metrics={'mAP50': float(np.nan_to_num(result.metrics['mAP50']))})
+      window_input_wait()  # the evaluation's time is not the input pipeline's
   latest_manager.wait_until_finished()
   best_manager.wait_until_finished()
   writer.flush()

@@ -87,9 +87,14 @@ def initial_variables(model, config, rng):
                    'boxes': jnp.full((1, config.max_objects, 4), 0.5),
                    'weight': jnp.ones((1, config.max_objects))}
   params_rng, dn_rng = jax.random.split(rng)
-  return jax.jit(functools.partial(model.init, train=True))(
-      {'params': params_rng, 'denoise': dn_rng}, jnp.zeros((1, size, size, 3)), jnp.ones((1, size, size)),
-      dummy_targets)
+  init = jax.jit(functools.partial(model.init, train=True))
+  args = ({'params': params_rng, 'denoise': dn_rng}, jnp.zeros((1, size, size, 3)), jnp.ones((1, size, size)),
+          dummy_targets)
+  if jax.default_backend() == 'cpu' and not isinstance(rng, jax.core.Tracer):  # not under jax.eval_shape
+    # Runs once, and its program is one random initializer per parameter: XLA's CPU optimizations would only
+    # lengthen the compilation (about 40 % at level 1).
+    return init.lower(*args).compile({'xla_backend_optimization_level': 0})(*args)
+  return init(*args)
 
 
 def create_train_state(model, config, rng, load_pretrained=True) -> tuple[TrainState, Any]:

@@ -5,7 +5,8 @@ input pipeline, inference, memory, 1 -> 2 device scaling and a recompilation che
       [--synthetic_batches] [--skip_scaling]
 
 Writes FILE.json and prints it. Keys (rates are per second of wall time, measured after warm-up):
-  compile_s               lower + compile of the pmapped train step
+  compile_s               lower + compile of the pmapped train step (every program the run needs is compiled at
+                          once, in parallel threads: XLA compiles a program on one core)
   train_images_per_s      pmapped train step on device-resident batches (global batch / step time)
   train_step_flops        FLOPs of one global step (XLA cost analysis of the per-device program x devices)
   train_flops_per_s       train_step_flops x steps/s
@@ -17,8 +18,9 @@ Writes FILE.json and prints it. Keys (rates are per second of wall time, measure
                           when the dataset is not available; then the train step runs on random batches)
   infer_images_per_s_b1/_b8  jitted train.predict_step on one device
   peak_rss_gb, device_peak_memory_gb   process max RSS and device peak_bytes_in_use (GiB)
-  scaling_2dev            train throughput on 2 devices / on 1 device (same per-device batch), from subprocesses
-                          of this script with --only_train_throughput; null with a reason in scaling_2dev_note
+  scaling_2dev            train throughput on 2 devices / on 1 device (same per-device batch, random batches),
+                          in this process; on a CPU host the script simulates 2 devices and measures everything
+                          else on the first one. null with a reason in scaling_2dev_note
   recompiles_after_first_step  backend compilations of the train step after its first call, with the outputs
                           fed back and the state donated as in training; the script exits 1 unless it is 0
 
@@ -35,14 +37,28 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
+
+
+
+def _simulate_two_cpu_devices():
+  """A CPU host gets 2 simulated devices for the scaling measurement (set before JAX is imported); GPU and TPU
+  hosts ignore the flag."""
+  if any(a in ('--skip_scaling', '--skip_scaling=true', '--skip_scaling=True') for a in sys.argv[1:]):
+    return
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_force_host_platform_device_count' not in xla_flags:
+    os.environ['XLA_FLAGS'] = f'{xla_flags} --xla_force_host_platform_device_count=2'.strip()
+
+
+_simulate_two_cpu_devices()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -70,13 +86,11 @@ flags.DEFINE_integer('pipeline_batches', None, 'Host batches timed for the input
 flags.DEFINE_integer('infer_repeats', None, 'Timed predict calls per batch size (default 5 on CPU, 20 else).')
 flags.DEFINE_bool('synthetic_batches', False, 'Random batches instead of the dataset; pipeline_images_per_s=null.')
 flags.DEFINE_bool('skip_scaling', False, 'Do not measure the 1 -> 2 device scaling.')
-flags.DEFINE_bool('only_train_throughput', False, 'Internal (scaling subprocesses): only the train throughput.')
 flags.DEFINE_string('profile', None, 'Also profile a few train steps and write where the time goes (text file).')
 flags.DEFINE_integer('profile_steps', 3, 'Steps traced by --profile.')
 flags.mark_flags_as_required(['config', 'out'])
 FLAGS = flags.FLAGS
 
-_STEPS = [None]  # the resolved --steps, for the subprocesses
 COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
@@ -279,49 +293,77 @@ def matchings_per_step(config):
   return (m.num_decoder_layers if config.loss.aux_loss else 1) + (1 if encoder else 0)
 
 
-def time_predict(model, variables, config, batch_size, repeats):
-  device = jax.local_devices()[0]
+def predict_program(model, variables, config, batch_size, device):
+  """(compile function, arguments) of the jitted predict step on one device."""
   size = config.image_size
   rng = np.random.default_rng(2)
   batch = {'image': jax.device_put(rng.standard_normal((batch_size, size, size, 3), dtype=np.float32), device),
            'image_mask': jax.device_put(np.ones((batch_size, size, size), np.float32), device)}
-  variables = jax.device_put(variables, device)
+  args = (jax.device_put(variables, device), batch)
   f = jax.jit(functools.partial(train.predict_step, model=model))
-  block(f(variables, batch))
-  block(f(variables, batch))
+  return (lambda: f.lower(*args).compile()), args
+
+
+def time_predict(compiled, args, batch_size, repeats):
+  block(compiled(*args))
   start = time.perf_counter()
   for _ in range(repeats):
-    out = f(variables, batch)
+    out = compiled(*args)
   block(out)
   return batch_size * repeats / (time.perf_counter() - start)
 
 
-def scaling_subprocess(num_devices, platform, argv_config_overrides):
-  """train_images_per_s of this script run with `num_devices` devices and --only_train_throughput."""
-  env = dict(os.environ)
-  if platform == 'cpu':
-    flags_ = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device')]
-    env['XLA_FLAGS'] = ' '.join(flags_ + [f'--xla_force_host_platform_device_count={num_devices}'])
-    env['JAX_PLATFORMS'] = 'cpu'
-  else:  # GPU
-    visible = env.get('CUDA_VISIBLE_DEVICES')
-    ids = visible.split(',') if visible else [str(i) for i in range(jax.local_device_count())]
-    env['CUDA_VISIBLE_DEVICES'] = ','.join(ids[:num_devices])
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, 'scaling.json')
-    cmd = [sys.executable, os.path.abspath(__file__), f'--config={config_path()}',
-           f'--out={out}', '--only_train_throughput', '--skip_scaling', '--synthetic_batches',
-           f'--steps={_STEPS[0]}', f'--warmup_steps={FLAGS.warmup_steps}'] + argv_config_overrides
-    logging.info('scaling subprocess: %s', ' '.join(cmd))
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-      raise RuntimeError(f'scaling subprocess ({num_devices} devices) failed with {result.returncode}:\n'
-                         f'{result.stderr[-3000:]}')
-    with open(out) as f:
-      data = json.load(f)
-  if data['num_devices'] != num_devices:
-    raise RuntimeError(f'scaling subprocess saw {data["num_devices"]} devices, expected {num_devices}')
-  return data['train_images_per_s']
+def train_program(model, tx, config, host_state, host_batch, devices):
+  """(compile function, (state, batch) on `devices`, pmapped step) of the train step on `devices`."""
+  p_step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx, config=config), axis_name=train.AXIS,
+                    devices=devices, donate_argnums=(0,))
+  batch = jax.tree_util.tree_map(lambda x: x[:len(devices)], host_batch)
+  args = (sharding.replicate(host_state, devices), sharding.shard(batch, devices))
+  return (lambda: p_step.lower(*args).compile()), args, p_step
+
+
+def compile_all(programs):
+  """Compiles {name: compile function} in parallel threads; returns {name: (compiled, seconds)}.
+
+  XLA compiles one program on one core and JAX releases the GIL meanwhile, so on a 2-core host the scaling and
+  inference programs cost little wall time beside the train step's compilation."""
+  results, errors = {}, []
+
+  def run(name, compile_fn):
+    start = time.perf_counter()
+    try:
+      results[name] = (compile_fn(), time.perf_counter() - start)
+    except Exception as error:  # pylint: disable=broad-except
+      errors.append(error)
+
+  threads = [threading.Thread(target=run, args=item) for item in programs.items()]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if errors:
+    raise errors[0]
+  return results
+
+
+def time_train(p_step, state, batch, steps, warmup_steps, counter=None):
+  """Seconds per step after the first call and `warmup_steps`, outputs fed back; returns (seconds, state,
+  metrics). Counts compilations during the warm-up and timed steps when a counter is given."""
+  state, metrics = p_step(state, batch)
+  block((state, metrics))
+  if counter is not None:
+    counter.active = True
+  for _ in range(warmup_steps):
+    state, metrics = p_step(state, batch)
+  block((state, metrics))
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = p_step(state, batch)
+  block((state, metrics))
+  seconds = (time.perf_counter() - start) / steps
+  if counter is not None:
+    counter.active = False
+  return seconds, state, metrics
 
 
 def config_path():
@@ -329,7 +371,7 @@ def config_path():
 
 
 def config_overrides():
-  """The --config.key=value arguments of this invocation, to pass on to subprocesses."""
+  """The --config.key=value arguments of this invocation, for the JSON."""
   out = []
   args = sys.argv[1:]
   i = 0
@@ -350,9 +392,10 @@ def main(argv):
   config = FLAGS.config
   platform = jax.default_backend()
   steps = FLAGS.steps or (10 if platform == 'cpu' else 50)
-  _STEPS[0] = steps
   devices = jax.local_devices()
-  num_devices = len(devices)
+  # Simulated CPU devices share the same cores: everything but the scaling is measured on one of them.
+  primary = devices[:1] if platform == 'cpu' else devices
+  num_devices = len(primary)
   global_batch = num_devices * config.per_device_batch_size
   counter = CompileCounter()
   results = {
@@ -364,6 +407,7 @@ def main(argv):
       'dtype': config.model.dtype, 'host_cpu_count': os.cpu_count(),
       'host_load_avg_at_start': list(os.getloadavg()),
   }
+  scaling = not FLAGS.skip_scaling and len(devices) >= 2 and platform in ('cpu', 'gpu')
 
   # Data: the real pipeline if available (and not --synthetic_batches), else random batches.
   builder, reason = (None, '--synthetic_batches') if FLAGS.synthetic_batches else load_dataset(config)
@@ -375,57 +419,57 @@ def main(argv):
   else:
     num_classes = num_classes_for(config)
     host_batch = random_batch(config, num_devices, num_classes)
-    if not FLAGS.only_train_throughput:
-      results['pipeline_images_per_s'] = None
-      results['pipeline_note'] = reason
+    results['pipeline_images_per_s'] = None
+    results['pipeline_note'] = reason
     results['batches'] = 'random'
   results['num_classes'] = num_classes
-  host_batch = {k: v for k, v in host_batch.items()
-                if k in ('image', 'image_mask', 'boxes', 'labels', 'attributes', 'weight', 'annotation_mask',
-                         'num_truncated')}
+  keys = ('image', 'image_mask', 'boxes', 'labels', 'attributes', 'weight', 'annotation_mask', 'num_truncated')
+  host_batch = {k: v for k, v in host_batch.items() if k in keys}
 
   model = train.create_model(config, num_classes)
   state, tx = train.create_train_state(model, config, jax.random.PRNGKey(config.seed),
                                        load_pretrained=False)  # speed does not depend on the weights
-  host_variables = None if FLAGS.only_train_throughput else jax.device_get(train.model_variables(state, False))
-  replicated = sharding.replicate(state)
+  host_state = jax.device_get(state)
+  host_variables = jax.device_get(train.model_variables(state, False))
   del state
-  batch = sharding.shard(host_batch)
-  p_step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx, config=config),
-                    axis_name=train.AXIS, donate_argnums=(0,))
+
+  programs, arguments, steppers = {}, {}, {}
+  programs['train'], arguments['train'], steppers['train'] = train_program(
+      model, tx, config, host_state, host_batch, primary)
+  for batch_size in (1, 8):
+    programs[f'predict_b{batch_size}'], arguments[f'predict_b{batch_size}'] = predict_program(
+        model, host_variables, config, batch_size, primary[0])
+  if scaling:
+    random_batches = random_batch(config, 2, num_classes)
+    random_batches = {k: v for k, v in random_batches.items() if k in keys}
+    for n in (1, 2):
+      if n == num_devices:  # the main program, run again on random batches
+        steppers[f'train_{n}dev'] = steppers['train']
+        arguments[f'train_{n}dev'] = (sharding.replicate(host_state, primary), sharding.shard(
+            jax.tree_util.tree_map(lambda x, n=n: x[:n], random_batches), primary))
+      else:
+        programs[f'train_{n}dev'], arguments[f'train_{n}dev'], steppers[f'train_{n}dev'] = train_program(
+            model, tx, config, host_state, random_batches, devices[:n])
 
   start = time.perf_counter()
-  compiled = p_step.lower(replicated, batch).compile()
-  results['compile_s'] = time.perf_counter() - start
-  per_device_flops = total_flops(compiled)
-  compiled_text = compiled.as_text() if FLAGS.profile else None
-  del compiled
+  compiled = compile_all(programs)
+  results['compile_all_s'] = time.perf_counter() - start
+  results['compile_s'] = compiled['train'][1]
+  results['compile_note'] = (f'{len(programs)} programs compiled in parallel threads ({", ".join(programs)}) on '
+                             f'{os.cpu_count()} CPU cores; compile_s is the train step\'s own wall time')
+  per_device_flops = total_flops(compiled['train'][0])
+  compiled_text = compiled['train'][0].as_text() if FLAGS.profile else None
 
-  # First call (may reuse the AOT executable), then warm-up, then the timed steps, outputs fed back.
-  replicated, metrics = p_step(replicated, batch)
-  block((replicated, metrics))
-  counter.active = True
-  for _ in range(FLAGS.warmup_steps):
-    replicated, metrics = p_step(replicated, batch)
-  block((replicated, metrics))
-  start = time.perf_counter()
-  for _ in range(steps):
-    replicated, metrics = p_step(replicated, batch)
-  block((replicated, metrics))
-  step_s = (time.perf_counter() - start) / steps
-  counter.active = False
-  recompiles = counter.count
+  replicated, batch = arguments.pop('train')
+  step_s, replicated, metrics = time_train(steppers['train'], replicated, batch, steps, FLAGS.warmup_steps, counter)
   results['train_step_s'] = step_s
   results['train_images_per_s'] = global_batch / step_s
-  results['recompiles_after_first_step'] = recompiles
-  loss = float(jax.device_get(metrics['loss'])[0])
-  results['final_loss'] = loss
+  results['recompiles_after_first_step'] = counter.count
+  results['final_loss'] = float(jax.device_get(metrics['loss'])[0])
   if FLAGS.profile:
-    replicated = profile_steps(p_step, replicated, batch, compiled_text, FLAGS.profile_steps, FLAGS.profile)
-
-  if FLAGS.only_train_throughput:
-    write(results)
-    return
+    replicated = profile_steps(steppers['train'], replicated, batch, compiled_text, FLAGS.profile_steps,
+                               FLAGS.profile)
+  del replicated, metrics, batch
 
   results['train_step_flops'] = None if per_device_flops is None else per_device_flops * num_devices
   results['train_flops_per_s'] = None if per_device_flops is None else per_device_flops * num_devices / step_s
@@ -437,55 +481,46 @@ def main(argv):
                          'counted once); peak = measured matmul' + ('' if platform == 'cpu' or num_devices == 1
                                                                     else ' x devices'))
 
-  del replicated, batch, metrics
   match_s = matcher_seconds(config, repeats=5 if platform == 'cpu' else 20)
-  n_match = matchings_per_step(config)
   results['matcher_s'] = match_s
-  results['matchings_per_step'] = n_match
+  results['matchings_per_step'] = matchings_per_step(config)
   results['matcher_fraction'] = match_s / step_s
 
   repeats = FLAGS.infer_repeats or (5 if platform == 'cpu' else 20)
-  results['infer_images_per_s_b1'] = time_predict(model, host_variables, config, 1, repeats)
-  results['infer_images_per_s_b8'] = time_predict(model, host_variables, config, 8, repeats)
+  for batch_size in (1, 8):
+    name = f'predict_b{batch_size}'
+    results[f'infer_images_per_s_b{batch_size}'] = time_predict(compiled[name][0], arguments.pop(name),
+                                                                batch_size, repeats)
 
-  if FLAGS.skip_scaling:
-    results['scaling_2dev'] = None
-    results['scaling_2dev_note'] = '--skip_scaling'
-  elif platform == 'cpu' or (platform == 'gpu' and num_devices >= 2):
-    try:
-      overrides = config_overrides()
-      if num_devices == 1 and results['batches'] == 'random':
-        one = results['train_images_per_s']  # this process ran the same 1-device program: no recompile
-      else:
-        one = scaling_subprocess(1, platform, overrides)
-      two = scaling_subprocess(2, platform, overrides)
-      results['train_images_per_s_1dev'] = one
-      results['train_images_per_s_2dev'] = two
-      results['scaling_2dev'] = two / one
-      results['scaling_2dev_note'] = (
-          '2 devices: a subprocess with --synthetic_batches, same per-device batch; 1 device: ' +
-          ('this run' if num_devices == 1 and results['batches'] == 'random' else 'a subprocess') +
-          ('; CPU devices from --xla_force_host_platform_device_count share the same cores'
-           if platform == 'cpu' else ''))
-    except RuntimeError as error:
-      results['scaling_2dev'] = None
-      results['scaling_2dev_note'] = str(error)[-500:]
+  if scaling:
+    rates = {}
+    for n in (1, 2):
+      name = f'train_{n}dev'
+      seconds, *_ = time_train(steppers[name], *arguments.pop(name), steps, FLAGS.warmup_steps)
+      rates[n] = n * config.per_device_batch_size / seconds
+    results['train_images_per_s_1dev'] = rates[1]
+    results['train_images_per_s_2dev'] = rates[2]
+    results['scaling_2dev'] = rates[2] / rates[1]
+    results['scaling_2dev_note'] = ('same per-device batch, random batches' +
+                                    ('; 2 CPU devices simulated with --xla_force_host_platform_device_count share '
+                                     'the same cores' if platform == 'cpu' else ''))
   else:
     results['scaling_2dev'] = None
-    results['scaling_2dev_note'] = (f'{num_devices} {platform} device(s) on this machine: a 2-device run needs '
-                                    'at least 2 real accelerators')
+    results['scaling_2dev_note'] = ('--skip_scaling' if FLAGS.skip_scaling else
+                                    f'{len(devices)} {platform} device(s) on this host: a 2-device run needs at '
+                                    'least 2 devices')
 
   results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
   try:
-    stats = devices[0].memory_stats()
+    stats = primary[0].memory_stats()
     if stats and 'peak_bytes_in_use' in stats:
       results['device_peak_memory_gb'] = stats['peak_bytes_in_use'] / 2 ** 30
   except Exception:  # pylint: disable=broad-except
     pass
   results['host_load_avg_at_end'] = list(os.getloadavg())
   write(results)
-  if recompiles != 0:
-    print(f'FAILED: the train step compiled {recompiles} more time(s) after its first call (outputs fed back, '
+  if counter.count != 0:
+    print(f'FAILED: the train step compiled {counter.count} more time(s) after its first call (outputs fed back, '
           'state donated)', file=sys.stderr)
     sys.exit(1)
 
