@@ -6,9 +6,10 @@ r"""The demo: a small detector on the synthetic LLD download, on a CPU in minute
       --config.dataset.manual_dir=demo_run/download --config.dataset.data_dir=demo_run/tfds
 
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
-Expected on 2 CPU cores: 0.9 s per step after about 2.5 minutes of compilation, so about 10 minutes of training;
-test mAP50 about 0.15 and strict attribute F1 about 0.54 (measured at 450 steps, docs/results.md). The issue's
-targets (mAP50 0.90, F1 0.85 within 15 minutes) are not reached by this detector on 2 cores.
+Expected on 2 CPU cores: 1.0 steps/s after about 3 minutes of start-up (mostly compilation), 8.5 minutes of
+training; test mAP50 about 0.13-0.15 and strict attribute F1 about 0.52-0.54. `bash scripts/demo.sh` from a fresh
+clone took 16.3 minutes in all and reached 0.133 / 0.516 (docs/results.md). The issue's targets (mAP50 0.90,
+F1 0.85 within 15 minutes) are not reached by this detector on 2 cores.
 """
 
 from lld_jax.default_config import base_config

@@ -163,6 +163,14 @@ def test_non_finite_steps_stop_at_the_last_good_checkpoint(tiny_download, monkey
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored.params))
 
 
+def test_every_logging_window_reports_its_input_wait(uninterrupted_run):
+  """The share of a window spent waiting for the input pipeline, the check that the step is not input-bound."""
+  workdir, _ = uninterrupted_run
+  waits = {step: v for (tag, step), v in _logged_scalars(str(workdir)).items() if tag == 'input_wait_fraction'}
+  assert sorted(waits) == list(range(1, TOTAL_STEPS + 1))  # log_every_steps = 1
+  assert all(0.0 <= v <= 1.0 for v in waits.values())
+
+
 def test_config_that_does_not_match_the_checkpoint(tiny_download, uninterrupted_run):
   workdir = tiny_download / 'mismatch'
   shutil.copytree(uninterrupted_run[0], workdir)
