@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lld_jax import criterion
+from lld_jax import param_groups
 from lld_jax import pseudo_labels
 from lld_jax import sharding
 from lld_jax.models import detector as detector_lib
@@ -66,19 +67,26 @@ def learning_rate_schedule(config, base_rate):
       decay_steps=max(config.total_steps, o.warmup_steps + 1), end_value=base_rate * 0.01)
 
 
+def optimizer_groups(params) -> param_groups.ParamGroups:
+  """The parameters by optimizer hyperparameters: backbone or head (learning rate), decayed or not (biases and
+  normalization scales are not)."""
+  return param_groups.ParamGroups(
+      params, lambda path, leaf: ('backbone' if path[0] == 'backbone' else 'head') +
+      ('/decay' if leaf.ndim > 1 else '/no_decay'))
+
+
 def create_optimizer(config, params):
-  """AdamW with warmup + cosine decay, a lower rate for the backbone, and global-norm gradient clipping.
-  Biases and normalization scales are not decayed."""
+  """AdamW with warmup + cosine decay, a lower rate for the backbone, and global-norm gradient clipping, on the
+  flat group vectors of `optimizer_groups(params)` ({group name: vector}, see lld_jax.param_groups)."""
   o = config.optimizer
-  is_backbone = flax.traverse_util.path_aware_map(lambda path, _: 'backbone' if path[0] == 'backbone' else 'head',
-                                                  params)
-  decay_mask = flax.traverse_util.path_aware_map(lambda path, x: x.ndim > 1, params)
-  adamw = lambda rate: optax.adamw(learning_rate_schedule(config, rate), weight_decay=o.weight_decay,
-                                   mask=decay_mask)
+  adamw = lambda rate, decay: optax.adamw(learning_rate_schedule(config, rate),
+                                          weight_decay=o.weight_decay if decay else 0.0)
+  rates = {'backbone': o.learning_rate * o.backbone_lr_factor, 'head': o.learning_rate}
+  names = optimizer_groups(params).members
   return optax.chain(
       optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-      optax.multi_transform({'backbone': adamw(o.learning_rate * o.backbone_lr_factor),
-                             'head': adamw(o.learning_rate)}, is_backbone))
+      optax.multi_transform({name: adamw(rates[name.split('/')[0]], name.endswith('/decay')) for name in names},
+                            {name: name for name in names}))
 
 
 def initial_variables(model, config, rng):
@@ -118,18 +126,13 @@ def create_train_state(model, config, rng, load_pretrained=True) -> tuple[TrainS
           variables[resnet.FROZEN_COLLECTION], frozen, 'backbone')
   tx = create_optimizer(config, params)
   state = TrainState(step=jnp.array(0, jnp.int32), params=params, model_state=variables,
-                     opt_state=tx.init(params), ema_params=params, rng=state_rng,
+                     opt_state=tx.init(optimizer_groups(params).ravel(params)), ema_params=params, rng=state_rng,
                      nonfinite_in_a_row=jnp.array(0, jnp.int32), nonfinite_total=jnp.array(0, jnp.int32))
   return state, tx
 
 
 def model_variables(state: TrainState, use_ema: bool):
   return {'params': state.ema_params if use_ema else state.params, **state.model_state}
-
-
-def _all_finite(tree):
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def train_step(state: TrainState, batch, *, model, tx, config):
@@ -154,27 +157,34 @@ def train_step(state: TrainState, batch, *, model, tx, config):
     return loss, terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, AXIS)
+  # The update runs on a few flat vectors (see lld_jax.param_groups): a few operations and collectives instead of
+  # some per parameter array.
+  groups = optimizer_groups(state.params)
+  grads = jax.lax.pmean(groups.ravel(grads), AXIS)
   loss = jax.lax.pmean(loss, AXIS)
-  # Every device sees the same pmean'd values, so all take the same branch.
-  finite = jnp.isfinite(loss) & _all_finite(grads)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  # Every device sees the same pmean'd values, so all take the same branch. The norm is finite only if every
+  # gradient element is (or it overflowed, which is no step to take either).
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params = groups.ravel(state.params)
+  updates, new_opt_state = tx.update(grads, state.opt_state, params)
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_params = keep(new_params, state.params)
+  new_params = keep(optax.apply_updates(params, updates), params)
   new_opt_state = keep(new_opt_state, state.opt_state)
   o = config.optimizer
   if o.ema_decay > 0:
     decay = o.ema_decay * (1 - jnp.exp(-(state.step + 1.0) / max(o.ema_warmup_steps, 1)))
-    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new_params)
-  else:
+    ema = groups.unravel(jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
+                                                groups.ravel(state.ema_params), new_params))
+  new_params = groups.unravel(new_params)
+  if o.ema_decay <= 0:
     ema = new_params
   new_state = state.replace(
       step=state.step + 1, params=new_params, opt_state=new_opt_state, ema_params=ema,
       nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
   metrics = {'loss': loss, **{f'loss/{k}': jax.lax.pmean(v, AXIS) for k, v in terms.items()},
-             'grad_norm': optax.global_norm(grads), 'nonfinite_step': (~finite).astype(jnp.float32),
+             'grad_norm': grad_norm, 'nonfinite_step': (~finite).astype(jnp.float32),
              'num_targets': jax.lax.psum(batch['weight'].sum(), AXIS),
              'num_truncated_targets': jax.lax.psum(batch['num_truncated'].sum(), AXIS)}
   if pseudo.enabled:
