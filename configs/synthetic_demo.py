@@ -6,10 +6,10 @@ r"""The demo: a small detector on the synthetic LLD download, on a CPU in minute
       --config.dataset.manual_dir=demo_run/download --config.dataset.data_dir=demo_run/tfds
 
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
-Expected on 2 CPU cores: 1.0 steps/s after about 3 minutes of start-up (mostly compilation), 8.5 minutes of
+Expected on 2 CPU cores: 1.0 steps/s after about 1 minute of start-up (mostly compilation), 8.3 minutes of
 training; test mAP50 about 0.13-0.15 and strict attribute F1 about 0.52-0.54. `bash scripts/demo.sh` from a fresh
-clone took 16.3 minutes in all and reached 0.133 / 0.516 (docs/results.md). The issue's targets (mAP50 0.90,
-F1 0.85 within 15 minutes) are not reached by this detector on 2 cores.
+clone took 13.6 minutes in all and reached 0.136 / 0.524 (docs/results.md). The issue's quality targets (mAP50
+0.90, F1 0.85) are not reached by this detector in that time on 2 cores.
 """
 
 from lld_jax.default_config import base_config
