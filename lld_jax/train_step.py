@@ -169,15 +169,15 @@ def train_step(state: TrainState, batch, *, model, tx, config):
   params = groups.ravel(state.params)
   updates, new_opt_state = tx.update(grads, state.opt_state, params)
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_params = keep(optax.apply_updates(params, updates), params)
+  new_flat_params = keep(optax.apply_updates(params, updates), params)
   new_opt_state = keep(new_opt_state, state.opt_state)
+  new_params = groups.unravel(new_flat_params)
   o = config.optimizer
   if o.ema_decay > 0:
     decay = o.ema_decay * (1 - jnp.exp(-(state.step + 1.0) / max(o.ema_warmup_steps, 1)))
     ema = groups.unravel(jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p,
-                                                groups.ravel(state.ema_params), new_params))
-  new_params = groups.unravel(new_params)
-  if o.ema_decay <= 0:
+                                                groups.ravel(state.ema_params), new_flat_params))
+  else:
     ema = new_params
   new_state = state.replace(
       step=state.step + 1, params=new_params, opt_state=new_opt_state, ema_params=ema,

@@ -64,8 +64,8 @@ def test_tiny_model_overfits_two_images(two_images):
   device = jax.local_devices()[:1]
   step = jax.pmap(functools.partial(train_step.train_step, model=model, tx=tx, config=config),
                   axis_name=train_step.AXIS, devices=device)
-  replicated = jax.tree_util.tree_map(lambda x: x[:1], sharding.replicate(state))
-  batch_on_device = jax.tree_util.tree_map(lambda x: x[:1], sharding.shard(batch))
+  replicated = sharding.replicate(state, device)
+  batch_on_device = sharding.shard(batch, device)
   for _ in range(STEPS):
     replicated, metrics = step(replicated, batch_on_device)
   final = sharding.unreplicate(replicated)
