@@ -31,6 +31,8 @@ def get_config():
   c.model.backbone = 'resnet18'
   c.model.backbone_norm = 'group_norm'  # no pretrained weights on the demo machine
   c.model.backbone_width = 32
+  c.model.cell_crop_size = 32
+  c.model.cell_class_refinement = True
   c.model.hidden_dim = 96
   c.model.num_heads = 4
   c.model.ffn_dim = 384

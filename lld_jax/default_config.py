@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.box_noise = 1.0
   c.model.attribute_head = 'query'
   c.model.roi_size = 7
+  c.model.input_stride = 1  # 2: the backbone reads the image at half resolution, the cell crops at full
+  c.model.cell_crop_size = 0  # >0: attribute queries also read an SxS crop of each cell's input pixels
+  c.model.cell_class_refinement = False  # one more query on those tokens corrects the last layer's classes
   c.model.dtype = 'float32'  # 'bfloat16' on accelerators
 
   c.loss = ml_collections.ConfigDict()

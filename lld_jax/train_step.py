@@ -56,7 +56,8 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       fusion_depth=m.fusion_depth,
       num_decoder_layers=m.num_decoder_layers, num_queries=m.num_queries, num_points=m.num_points,
       two_stage=m.two_stage, denoising_groups=m.denoising_groups, label_noise=m.label_noise,
-      box_noise=m.box_noise, attribute_head=m.attribute_head, roi_size=m.roi_size,
+      box_noise=m.box_noise, attribute_head=m.attribute_head, roi_size=m.roi_size, input_stride=m.input_stride,
+      cell_crop_size=m.cell_crop_size, cell_class_refinement=m.cell_class_refinement,
       dtype=jnp.dtype(m.dtype))
 
 

@@ -191,3 +191,51 @@ def test_denoising_queries_noise_ranges():
   clean_labels, clean_boxes, *_ = noise(jax.random.PRNGKey(0), labels, boxes, valid, groups, 5, 0.0, 0.0)
   np.testing.assert_array_equal(clean_labels, np.take_along_axis(labels, target_index, 1))
   np.testing.assert_allclose(clean_boxes, target, atol=1e-6)
+
+
+def test_crop_cells_samples_each_box_with_its_margin():
+  # Channel 0 holds each pixel's x index and channel 1 its y index: bilinear sampling of a linear ramp is exact,
+  # so every crop pixel must read the continuous coordinate of its sampling point.
+  height, width, crop, margin = 40, 60, 5, 0.25
+  ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+  images = np.stack([xs, ys, np.zeros_like(xs)], -1).astype(np.float32)[None]
+  boxes = np.array([[[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.5]]], np.float32)
+  crops = np.asarray(jax.jit(detector.crop_cells, static_argnums=(2, 3), compiler_options=FAST_COMPILE)(
+      images, boxes, crop, margin))
+  assert crops.shape == (1, 2, crop, crop, 3)
+  steps = ((np.arange(crop) + 0.5) / crop - 0.5) * (1 + 2 * margin)
+  for n, (cx, cy, w, h) in enumerate(boxes[0]):
+    expected_x = (cx + steps * w) * width - 0.5
+    expected_y = (cy + steps * h) * height - 0.5
+    np.testing.assert_allclose(crops[0, n, :, :, 0], np.broadcast_to(expected_x[None, :], (crop, crop)), atol=1e-4)
+    np.testing.assert_allclose(crops[0, n, :, :, 1], np.broadcast_to(expected_y[:, None], (crop, crop)), atol=1e-4)
+
+
+CELL_MODEL = MODEL.clone(input_stride=2, cell_crop_size=8, cell_class_refinement=True)
+
+
+def test_cell_crops_refine_only_the_last_layer_classes():
+  images, image_mask, targets = _inputs()
+  rngs = {'params': jax.random.PRNGKey(0), 'denoise': jax.random.PRNGKey(1)}
+  init = jax.jit(functools.partial(CELL_MODEL.init, train=True), compiler_options=FAST_COMPILE)
+  variables = init(rngs, images, image_mask, targets)
+  refinement = variables['params']['attribute_head']['class_refinement']
+  # Zero at initialization, so the refinement starts as the decoder's own classes.
+  assert not np.asarray(refinement['kernel']).any()
+  apply = jax.jit(lambda v: CELL_MODEL.apply(v, images, image_mask, targets, train=True,
+                                             rngs={'denoise': jax.random.PRNGKey(7)}), compiler_options=FAST_COMPILE)
+  base = apply(variables)
+  # The backbone reads the image at half resolution: its tokens are those of a 32 px input.
+  assert base['token_logits'].shape == (1, sum((SIZE // 2 // s)**2 for s in (8, 16, 32)), NUM_CLASSES)
+  assert base['attribute_logits'].shape == (1, NUM_QUERIES, 7, 3)
+  changed = jax.tree_util.tree_map(lambda x: x, variables)
+  # (a constant kernel would sum a layer-normalized vector, which is zero)
+  changed['params']['attribute_head']['class_refinement']['kernel'] = jax.random.normal(
+      jax.random.PRNGKey(3), refinement['kernel'].shape)
+  outputs = apply(changed)
+  for name in ('pred_logits', 'dn_logits'):
+    np.testing.assert_allclose(outputs[name][:-1], base[name][:-1], atol=1e-6, err_msg=name)
+  assert not np.allclose(outputs['pred_logits'][-1], base['pred_logits'][-1], atol=1e-3)
+  # Among the denoising queries only the first group's positive copies (the ones the head reads) change.
+  moved = ~np.isclose(np.asarray(outputs['dn_logits'][-1]), np.asarray(base['dn_logits'][-1]), atol=1e-4).all(-1)
+  np.testing.assert_array_equal(moved[0], np.arange(NUM_DN) < MAX_TARGETS)

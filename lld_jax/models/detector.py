@@ -5,7 +5,10 @@ Why these pieces: vanilla DETR needs hundreds of epochs. Deformable attention ar
 DETR, DAB-DETR), encoder-selected initial queries (two-stage, RT-DETR), and denoising groups (DN-DETR, DINO)
 each cut that by an order of magnitude, which is what makes training on small data and few devices possible.
 White cells on 10x fields are 6-12 px, so the decoder reads stride-8 features; attributes such as nucleoli and
-chromatin are small details, so each attribute query reads RoI-aligned stride-8 features inside its cell's box.
+chromatin are small details, so each attribute query reads RoI-aligned stride-8 features inside its cell's box
+and, with `cell_crop_size`, tokens of a small CNN over the cell's own input pixels. With `input_stride` 2 the
+backbone reads a half-resolution copy, so those pixels cost no backbone compute; with `cell_class_refinement` one
+more query reads them and corrects the last layer's class logits.
 
 Outputs (L decoder layers, Q matching queries, D denoising queries, K classes, A attributes, V values):
   pred_logits [L, B, Q, K], pred_boxes [L, B, Q, 4] (normalized cxcywh), attribute_logits [B, Q, A, V],
@@ -176,21 +179,65 @@ class DecoderLayer(nn.Module):
     return nn.LayerNorm(dtype=self.dtype)(queries + nn.Dense(self.hidden_dim, dtype=self.dtype)(hidden))
 
 
+def crop_cells(images, boxes, crop_size, margin):
+  """Bilinear crops [B, N, S, S, C] of images [B, H, W, C] at normalized cxcywh boxes [B, N, 4], each box grown
+  by `margin` (a fraction of its size) on every side so that the cell's outline is inside the crop."""
+  grid = (jnp.arange(crop_size, dtype=jnp.float32) + 0.5) / crop_size - 0.5
+  gy, gx = jnp.meshgrid(grid, grid, indexing='ij')
+  offsets = jnp.stack([gx.ravel(), gy.ravel()], -1) * (1.0 + 2.0 * margin)  # [S*S, 2] in box units
+  locations = boxes[:, :, None, :2] + offsets[None, None] * boxes[:, :, None, 2:]  # [B, N, S*S, 2]
+  crops = bilinear_sample(images[:, :, :, None, :], locations[:, :, None].astype(images.dtype))[:, :, 0]
+  return crops.reshape(boxes.shape[:2] + (crop_size, crop_size, images.shape[-1]))
+
+
+class CellCropEncoder(nn.Module):
+  """A small CNN over each object's own pixels, cropped from the full-resolution input at its box.
+
+  The detector's feature maps are 8x coarser than the input or more, and a cell's nucleoli, vacuoles, granules
+  and chromatin texture are a few input pixels wide: only the pixels themselves still show them.
+  Returns [B, N, T, hidden_dim] tokens (T = (S/8)^2 positions of the cell).
+  """
+  hidden_dim: int
+  crop_size: int = 40
+  margin: float = 0.1
+  widths: Sequence[int] = (16, 32, 48, 64)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, boxes):
+    batch, num_objects = boxes.shape[:2]
+    crops = crop_cells(images.astype(self.dtype), boxes, self.crop_size, self.margin)
+    x = crops.reshape((batch * num_objects,) + crops.shape[2:])
+    for i, width in enumerate(self.widths):
+      x = ConvNorm(width, 3, stride=1 if i == 0 else 2, dtype=self.dtype, name=f'conv{i}')(x)
+    tokens = nn.Dense(self.hidden_dim, dtype=self.dtype, name='proj')(x.reshape(x.shape[0], -1, x.shape[-1]))
+    tokens = tokens + self.param('position', nn.initializers.normal(0.02), tokens.shape[1:])
+    return tokens.reshape(batch, num_objects, -1, self.hidden_dim)
+
+
 class AttributeHead(nn.Module):
   """Attribute queries: one learned query per attribute, added to its object's decoder output, cross-attends to
-  RoI-aligned high-resolution features inside the object's box, then classifies that attribute.
-  `mode='mlp'` replaces the queries by a plain MLP per attribute on the decoder output (ablation)."""
+  RoI-aligned high-resolution features inside the object's box (and to the tokens of the object's own pixels,
+  `cell_tokens`, when given), then classifies that attribute.
+
+  With `num_classes`, one more query reads the same tokens and returns class logits [B, N, K] that refine the
+  decoder's (zero at initialization). `mode='mlp'` replaces the queries by a plain MLP per attribute on the
+  decoder output (ablation).
+  Returns (attribute logits [B, N, A, V], class logits [B, N, K] or None).
+  """
   num_values: Sequence[int]
   hidden_dim: int
   num_heads: int = 4
   roi_size: int = 7
   mode: str = 'query'
+  num_classes: int = 0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, object_features, boxes, feature_map, feature_mask):
+  def __call__(self, object_features, boxes, feature_map, feature_mask, cell_tokens=None):
     num_attributes, max_values = len(self.num_values), max(self.num_values)
     batch, num_objects, _ = object_features.shape
+    class_logits = None
     if self.mode == 'query':
       grid = (jnp.arange(self.roi_size, dtype=jnp.float32) + 0.5) / self.roi_size - 0.5
       gy, gx = jnp.meshgrid(grid, grid, indexing='ij')
@@ -201,26 +248,33 @@ class AttributeHead(nn.Module):
       roi = roi[:, :, 0]  # [B, N, R, C]
       roi = nn.Dense(self.hidden_dim, dtype=self.dtype, name='roi_proj')(roi)
       roi = roi + self.param('roi_position', nn.initializers.normal(0.02), (self.roi_size**2, self.hidden_dim))
+      if cell_tokens is not None:
+        roi = jnp.concatenate([roi, cell_tokens.astype(self.dtype)], axis=2)
+      num_tokens = roi.shape[2]
+      num_read = num_attributes + (1 if self.num_classes else 0)
       attribute_queries = self.param('attribute_queries', nn.initializers.normal(0.02),
-                                     (num_attributes, self.hidden_dim))
-      x = object_features[:, :, None, :] + attribute_queries[None, None]  # [B, N, A, C]
-      x = x.reshape(batch * num_objects, num_attributes, self.hidden_dim)
-      roi = roi.reshape(batch * num_objects, self.roi_size**2, self.hidden_dim)
+                                     (num_read, self.hidden_dim))
+      x = object_features[:, :, None, :] + attribute_queries[None, None]  # [B, N, A(+1), C]
+      x = x.reshape(batch * num_objects, num_read, self.hidden_dim)
+      roi = roi.reshape(batch * num_objects, num_tokens, self.hidden_dim)
       x = nn.LayerNorm(dtype=self.dtype)(x + nn.MultiHeadDotProductAttention(
           num_heads=self.num_heads, dtype=self.dtype, name='roi_attention')(x, roi, roi))
       x = nn.LayerNorm(dtype=self.dtype)(x + MLP(self.hidden_dim * 2, self.hidden_dim, 2, self.dtype)(x))
-      x = x.reshape(batch, num_objects, num_attributes, self.hidden_dim)
+      x = x.reshape(batch, num_objects, num_read, self.hidden_dim)
       kernel = self.param('classifier_kernel', nn.initializers.lecun_normal(),
                           (num_attributes, self.hidden_dim, max_values))
       bias = self.param('classifier_bias', nn.initializers.zeros, (num_attributes, max_values))
-      logits = jnp.einsum('bnac,acv->bnav', x.astype(jnp.float32), kernel) + bias
+      logits = jnp.einsum('bnac,acv->bnav', x[:, :, :num_attributes].astype(jnp.float32), kernel) + bias
+      if self.num_classes:
+        class_logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                                name='class_refinement')(x[:, :, num_attributes]).astype(jnp.float32)
     elif self.mode == 'mlp':
       logits = jnp.stack([MLP(self.hidden_dim, max_values, 2, self.dtype, name=f'attribute{a}')(object_features)
                           for a in range(num_attributes)], axis=2).astype(jnp.float32)
     else:
       raise ValueError(f'unknown attribute head {self.mode!r}; expected query or mlp')
     allowed = jnp.arange(max_values)[None, :] < jnp.asarray(self.num_values)[:, None]  # [A, V]
-    return jnp.where(allowed, logits, _NEG_INF)
+    return jnp.where(allowed, logits, _NEG_INF), class_logits
 
 
 def token_anchors(shapes, masks, base_size=0.05):
@@ -300,6 +354,9 @@ class Detector(nn.Module):
   box_noise: float = 1.0
   attribute_head: str = 'query'
   roi_size: int = 7
+  input_stride: int = 1
+  cell_crop_size: int = 0
+  cell_class_refinement: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -308,7 +365,10 @@ class Detector(nn.Module):
     labels [B, T], boxes [B, T, 4], weight [B, T]) switches on the denoising queries when training."""
     backbone = resnet.ResNet(depth=self.backbone_depth, norm=self.backbone_norm, width=self.backbone_width,
                              dtype=self.dtype, name='backbone')
-    features = backbone(images.astype(self.dtype))
+    # With input_stride > 1 the backbone reads a downsampled copy; the full resolution serves the cell crops.
+    stride = self.input_stride
+    backbone_input = nn.avg_pool(images, (stride, stride), (stride, stride)) if stride > 1 else images
+    features = backbone(backbone_input.astype(self.dtype))
     features = [features['stride8'], features['stride16'], features['stride32']]
     masks = [jax.image.resize(image_mask.astype(jnp.float32), f.shape[:3], 'nearest') for f in features]
     levels = HybridEncoder(self.hidden_dim, self.num_heads, self.ffn_dim, self.num_encoder_layers,
@@ -383,9 +443,22 @@ class Detector(nn.Module):
     num_attribute_dn = targets['labels'].shape[1] if num_denoising else 0
     attribute_queries = jnp.concatenate([queries[:, :num_attribute_dn], queries[:, num_denoising:]], axis=1)
     attribute_boxes = jnp.concatenate([all_boxes[-1][:, :num_attribute_dn], all_boxes[-1][:, num_denoising:]], 1)
-    attribute_logits = AttributeHead(self.attribute_values, self.hidden_dim, roi_size=self.roi_size,
-                                     mode=self.attribute_head, dtype=self.dtype, name='attribute_head')(
-        attribute_queries, jax.lax.stop_gradient(attribute_boxes), levels[0], masks[0])
+    attribute_boxes = jax.lax.stop_gradient(attribute_boxes)
+    cell_tokens = None
+    if self.cell_crop_size:
+      cell_tokens = CellCropEncoder(self.hidden_dim, self.cell_crop_size, dtype=self.dtype, name='cell_encoder')(
+          images, attribute_boxes)
+    refine_classes = self.cell_class_refinement and self.attribute_head == 'query'
+    attribute_logits, class_refinement = AttributeHead(
+        self.attribute_values, self.hidden_dim, roi_size=self.roi_size, mode=self.attribute_head,
+        num_classes=self.num_classes if refine_classes else 0, dtype=self.dtype, name='attribute_head')(
+            attribute_queries, attribute_boxes, levels[0], masks[0], cell_tokens)
+    if class_refinement is not None:  # the last layer's classes, for the queries the head has read
+      last = all_logits[-1]
+      all_logits[-1] = jnp.concatenate([
+          last[:, :num_attribute_dn] + class_refinement[:, :num_attribute_dn],
+          last[:, num_attribute_dn:num_denoising], last[:, num_denoising:] + class_refinement[:, num_attribute_dn:]],
+          axis=1)
     logits, boxes = jnp.stack(all_logits), jnp.stack(all_boxes)
     outputs.update(pred_logits=logits[:, :, num_denoising:], pred_boxes=boxes[:, :, num_denoising:],
                    attribute_logits=attribute_logits[:, num_attribute_dn:])

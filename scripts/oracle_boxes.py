@@ -1,0 +1,166 @@
+r"""How far can classification go when the boxes are perfect? A ceiling for a dataset's detection metrics.
+
+  python scripts/oracle_boxes.py --config=configs/synthetic_demo.py --steps=600 \
+      --config.dataset.manual_dir=demo_run/download --config.dataset.data_dir=demo_run/tfds
+
+Crops every ground-truth cell of the train split (from the image resized as the config's model sees it, with
+`--source_size` to change that) and trains a CNN on the crops alone: class and attribute cross-entropy. It then
+scores the eval split with the same metrics as `lld_jax.evaluate`, giving each true box one detection per class
+(score = that class's probability, attributes = the most likely values). So the boxes are exact and only the
+classifier can be wrong: the mAP50 and attribute F1 it reaches bound what a detector can expect from the same
+pixels and a similar training budget. Writes the metrics as JSON to `--out` (default: stdout only).
+"""
+
+import functools
+import json
+import time
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+import tensorflow_datasets as tfds
+
+from lld_jax import evaluate
+from lld_jax import input_pipeline
+from lld_jax import metrics as metrics_lib
+from lld_jax.models import detector
+from tfds_lld import lld_format
+
+CROP_SIZE = 48
+MARGIN = 0.1
+
+
+def cell_crops(builder, split, source_size):
+  """Crops [N, S, S, 3] in [0, 1] of every annotated cell, with labels [N] and attributes [N, A]."""
+  crop = jax.jit(functools.partial(detector.crop_cells, crop_size=CROP_SIZE, margin=MARGIN))
+  crops, labels, attributes = [], [], []
+  for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+    image = example['image']
+    height, width = image.shape[:2]
+    scale = source_size / max(height, width)
+    resized = jax.image.resize(image.astype(np.float32) / 255.0,
+                               (max(round(height * scale), 1), max(round(width * scale), 1), 3), 'linear',
+                               antialias=True)
+    ymin, xmin, ymax, xmax = np.asarray(example['objects']['bbox'], np.float32).reshape(-1, 4).T
+    if not len(ymin):
+      continue
+    boxes = np.stack([(xmin + xmax) / 2, (ymin + ymax) / 2, xmax - xmin, ymax - ymin], -1)
+    crops.append(np.asarray(crop(resized[None], boxes[None]))[0])
+    labels.append(example['objects']['label'])
+    attributes.append(example['objects']['attributes'].reshape(len(boxes), -1))
+  return np.concatenate(crops), np.concatenate(labels), np.concatenate(attributes)
+
+
+class CropClassifier(nn.Module):
+  num_classes: int
+  attribute_values: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    for width, stride in ((32, 1), (64, 2), (96, 2), (128, 2), (160, 2)):
+      x = nn.silu(nn.GroupNorm(8)(nn.Conv(width, (3, 3), (stride, stride))(x)))
+    x = x.mean((1, 2))
+    attributes = nn.Dense(len(self.attribute_values) * max(self.attribute_values))(x)
+    return nn.Dense(self.num_classes)(x), attributes.reshape(-1, len(self.attribute_values),
+                                                             max(self.attribute_values))
+
+
+def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, seed):
+  values = lld_format.NUM_ATTRIBUTE_VALUES
+  model = CropClassifier(num_classes, values)
+  mean, std = crops.mean((0, 1, 2)), crops.std((0, 1, 2)) + 1e-6
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + crops.shape[1:]))
+  tx = optax.adamw(optax.cosine_decay_schedule(2e-3, steps), weight_decay=1e-4)
+  opt_state = tx.init(params)
+  allowed = jnp.arange(max(values))[None, :] < jnp.asarray(values)[:, None]
+
+  def loss_fn(p, x, c, a):
+    class_logits, attribute_logits = model.apply(p, (x - mean) / std)
+    attribute_logits = jnp.where(allowed, attribute_logits, -1e9)
+    scored = (a >= 0) & (a < jnp.asarray(values))
+    per_attribute = optax.softmax_cross_entropy_with_integer_labels(attribute_logits, jnp.where(scored, a, 0))
+    return (optax.softmax_cross_entropy_with_integer_labels(class_logits, c).mean()
+            + (per_attribute * scored).sum() / jnp.maximum(scored.sum(), 1))
+
+  @jax.jit
+  def step(p, o, x, c, a):
+    loss, grads = jax.value_and_grad(loss_fn)(p, x, c, a)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  rng = np.random.default_rng(seed)
+  start = time.time()
+  for i in range(steps):
+    index = rng.integers(0, len(crops), batch_size)
+    x = crops[index]
+    x = np.where((rng.random(batch_size) < 0.5)[:, None, None, None], x[:, :, ::-1], x)
+    x = np.where((rng.random(batch_size) < 0.5)[:, None, None, None], x[:, ::-1], x)
+    x = x * rng.uniform(0.85, 1.15, (batch_size, 1, 1, 3))  # stains vary
+    params, opt_state, loss = step(params, opt_state, x, labels[index], attributes[index])
+    if i % 100 == 0 or i == steps - 1:
+      print(f'step {i}: loss {float(loss):.3f} ({time.time() - start:.0f} s)', flush=True)
+
+  @jax.jit
+  def predict(x):
+    class_logits, attribute_logits = model.apply(params, (x - mean) / std)
+    return jax.nn.softmax(class_logits), jnp.where(allowed, attribute_logits, -1e9).argmax(-1)
+  return predict
+
+
+def oracle_predictions(truths, predict, builder, split, source_size):
+  crops, _, _ = cell_crops(builder, split, source_size)
+  probabilities, attributes = (np.asarray(x) for x in predict(crops))
+  predictions, start = [], 0
+  for truth in truths:
+    n = len(truth.boxes)
+    k = probabilities.shape[1]
+    predictions.append(metrics_lib.ImagePrediction(
+        image_id=truth.image_id, boxes=np.repeat(truth.boxes, k, 0), scores=probabilities[start:start + n].ravel(),
+        labels=np.tile(np.arange(k), n), attributes=np.repeat(attributes[start:start + n], k, 0)))
+    start += n
+  return predictions
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/synthetic_demo.py',
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 600, 'classifier training steps')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'crops per step')
+_SOURCE = flags.DEFINE_integer('source_size', 0, 'image size the crops come from (0: the config\'s image_size)')
+_SEED = flags.DEFINE_integer('seed', 0, 'seed')
+_OUT = flags.DEFINE_string('out', '', 'write the summary JSON here')
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  source_size = _SOURCE.value or config.image_size
+  d = config.dataset
+  builder = input_pipeline.load_builder(d.name, d.config, d.data_dir or None, d.manual_dir or None)
+  info = input_pipeline.dataset_info(builder)
+  crops, labels, attributes = cell_crops(builder, d.train_split, source_size)
+  print(f'{len(crops)} training cells; per class {np.bincount(labels, minlength=info.num_classes).tolist()}',
+        flush=True)
+  predict = train_classifier(crops, labels, attributes, info.num_classes, _STEPS.value, _BATCH.value, _SEED.value)
+  truths = evaluate.ground_truth(builder, d.eval_split)
+  predictions = oracle_predictions(truths, predict, builder, d.eval_split, source_size)
+  result = metrics_lib.evaluate(truths, predictions, info.class_names, lld_format.ATTRIBUTE_NAMES,
+                                max_dets=(1, 10, 100 * info.num_classes))
+  keys = ['mAP50', 'mAP50_95', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper']
+  keys += sorted(k for k in result if k.startswith('per_class/') and k.endswith('/AP50'))
+  keys += sorted(k for k in result if k.startswith('attributes/strict/') and k.endswith('/f1'))
+  summary = {'source_size': source_size, 'steps': _STEPS.value, 'batch_size': _BATCH.value,
+             **{k: result[k] for k in keys}}
+  print(json.dumps(summary, indent=1))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(summary, f, indent=1)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
