@@ -330,16 +330,21 @@ def _render_classified(rng, cls, attrs, u, v, r, theta, body_sdf, ppu, stain, sc
   od = cyto_od[None, None, :] * cyto_shade[..., None]
 
   cyto_only = (body_sdf < -0.06) & (nuc_sdf > 0.04)
+  vac = None
   if vacuoles:
-    ys, xs = np.nonzero(cyto_only)
-    if len(ys):
-      vac = np.zeros((h, w), np.float32)
-      for _ in range(int(rng.integers(3, 9))):
-        j = rng.integers(len(ys))
-        cu, cv = u[ys[j], xs[j]], v[ys[j], xs[j]]
-        rad = rng.uniform(0.05, 0.09)
-        vac = np.maximum(vac, _soft(np.hypot(u - cu, v - cv) - rad, ppu))
-      od = od * (1.0 - 0.95 * vac[..., None]) - 0.04 * vac[..., None]
+    # Punched-out holes a few pixels across (at 100x), inside the cytoplasm: large enough to survive the
+    # downscaling a detector applies. Granules are not drawn over them.
+    vac = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(3, 7))):
+      rad = rng.uniform(0.09, 0.15)
+      room = cyto_only & (body_sdf < -rad) & (nuc_sdf > 0.5 * rad)
+      ys, xs = np.nonzero(room if room.any() else cyto_only)
+      if not len(ys):
+        break
+      j = rng.integers(len(ys))
+      cu, cv = u[ys[j], xs[j]], v[ys[j], xs[j]]
+      vac = np.maximum(vac, _soft(np.hypot(u - cu, v - cv) - rad, ppu))
+    od = od * (1.0 - 0.95 * vac[..., None]) - 0.04 * vac[..., None]
 
   # Granules.
   gran = style['gran']
@@ -359,6 +364,8 @@ def _render_classified(rng, cls, attrs, u, v, r, theta, body_sdf, ppu, stain, sc
   nuc_full = nuc_od[None, None, :] * shade[..., None]
   od = od * (1.0 - nuc_a[..., None]) + nuc_full * nuc_a[..., None]
   if gran_map is not None:
+    if vac is not None:
+      gran_map = gran_map * (1.0 - vac)
     od = od + gran_map[..., None] * _OD_GRANULE[gran][None, None, :]
   # Faint membrane.
   od = od + (4.0 * cell_a * (1.0 - cell_a))[..., None] * (0.15 * cyto_od[None, None, :])
