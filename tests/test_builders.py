@@ -101,7 +101,7 @@ def test_lld_full_tfds_load(lld_full):
 def test_lld_sparse(lld_sparse, lld_download, capsys):
   records = _records(lld_download, (P.SPARSE,))
   assert {s: lld_sparse.info.splits[s].num_examples for s in lld_sparse.info.splits} == {'train': 4, 'test': 2}
-  no_region = 0
+  no_region = []
   for split in ('train', 'test'):
     for ex in _examples(lld_sparse, split):
       subset = _decode_str(ex['domain']['subset'])
@@ -111,7 +111,7 @@ def test_lld_sparse(lld_sparse, lld_download, capsys):
       np.testing.assert_allclose(ex['annotated_regions'] * 640,
                                  np.asarray(rec.regions, np.float32).reshape(-1, 4)[:, [1, 0, 3, 2]], atol=1e-3)
       if not rec.regions:
-        no_region += 1
+        no_region.append(rec.image_path)
         assert mask.sum() == 0 and ex['annotated_regions'].shape == (0, 4)
       elif split == 'test':
         assert mask.all()  # Synthetic sparse test split: region = the whole image.
@@ -121,8 +121,17 @@ def test_lld_sparse(lld_sparse, lld_download, capsys):
         b = ex['objects']['bbox'] * 640  # Labelled cells have their centre in the region.
         cy, cx = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
         assert ((cx >= x1 - 1) & (cx <= x2 + 1) & (cy >= y1 - 1) & (cy <= y2 + 1)).all()
-  assert no_region == 1
-  assert lld_sparse.skip_report.notes['sparse_image_without_region'] == 1
+  # Without a region are exactly the images whose label file is empty or missing: the one emptied on purpose, and
+  # any synthetic field whose random region caught no cell (the generator then writes no row to carry it).
+  def label_file(image_path):
+    image_path = Path(image_path)
+    return image_path.parents[2] / 'labels' / image_path.parent.name / (image_path.stem + '.txt')
+  assert any('lcm_10x_c1' in path for path in no_region)
+  for path in no_region:
+    assert not label_file(path).exists() or not label_file(path).read_text().strip(), path
+  labelled_sparse = [r for r in records.values() if r.regions]
+  assert all(label_file(r.image_path).read_text().strip() for r in labelled_sparse)
+  assert lld_sparse.skip_report.notes['sparse_image_without_region'] == len(no_region)
 
 
 def test_lld_skip_policy_through_builder(tmp_path, capsys, monkeypatch):
