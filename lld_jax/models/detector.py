@@ -179,14 +179,25 @@ class DecoderLayer(nn.Module):
     return nn.LayerNorm(dtype=self.dtype)(queries + nn.Dense(self.hidden_dim, dtype=self.dtype)(hidden))
 
 
-def crop_cells(images, boxes, crop_size, margin):
-  """Bilinear crops [B, N, S, S, C] of images [B, H, W, C] at normalized cxcywh boxes [B, N, 4], each box grown
-  by `margin` (a fraction of its size) on every side so that the cell's outline is inside the crop."""
-  grid = (jnp.arange(crop_size, dtype=jnp.float32) + 0.5) / crop_size - 0.5
+def box_grid(boxes, size, margin=0.0):
+  """Normalized (x, y) centres [B, N, size*size, 2] of a size x size grid over each cxcywh box [B, N, 4] (row
+  major), the box grown by `margin` (a fraction of its size) on every side."""
+  grid = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size - 0.5
   gy, gx = jnp.meshgrid(grid, grid, indexing='ij')
   offsets = jnp.stack([gx.ravel(), gy.ravel()], -1) * (1.0 + 2.0 * margin)  # [S*S, 2] in box units
-  locations = boxes[:, :, None, :2] + offsets[None, None] * boxes[:, :, None, 2:]  # [B, N, S*S, 2]
-  crops = bilinear_sample(images[:, :, :, None, :], locations[:, :, None].astype(images.dtype))[:, :, 0]
+  return boxes[:, :, None, :2] + offsets[None, None] * boxes[:, :, None, 2:]
+
+
+def roi_sample(feature_map, boxes, size, margin=0.0):
+  """Bilinear samples [B, N, size*size, C] of feature_map [B, H, W, C] on `box_grid`."""
+  locations = box_grid(boxes, size, margin).astype(feature_map.dtype)
+  return bilinear_sample(feature_map[:, :, :, None, :], locations[:, :, None])[:, :, 0]
+
+
+def crop_cells(images, boxes, crop_size, margin):
+  """Bilinear crops [B, N, S, S, C] of images [B, H, W, C] at normalized cxcywh boxes [B, N, 4], each box grown
+  by `margin` on every side so that the cell's outline is inside the crop."""
+  crops = roi_sample(images, boxes, crop_size, margin)
   return crops.reshape(boxes.shape[:2] + (crop_size, crop_size, images.shape[-1]))
 
 
@@ -239,13 +250,8 @@ class AttributeHead(nn.Module):
     batch, num_objects, _ = object_features.shape
     class_logits = None
     if self.mode == 'query':
-      grid = (jnp.arange(self.roi_size, dtype=jnp.float32) + 0.5) / self.roi_size - 0.5
-      gy, gx = jnp.meshgrid(grid, grid, indexing='ij')
-      offsets = jnp.stack([gx.ravel(), gy.ravel()], -1)  # [R, 2] in box units
-      locations = boxes[:, :, None, :2] + offsets[None, None] * boxes[:, :, None, 2:]  # [B, N, R, 2]
       masked_map = feature_map * feature_mask[..., None].astype(feature_map.dtype)
-      roi = bilinear_sample(masked_map[:, :, :, None, :], locations[:, :, None].astype(feature_map.dtype))
-      roi = roi[:, :, 0]  # [B, N, R, C]
+      roi = roi_sample(masked_map, boxes, self.roi_size)  # [B, N, R, C]
       roi = nn.Dense(self.hidden_dim, dtype=self.dtype, name='roi_proj')(roi)
       roi = roi + self.param('roi_position', nn.initializers.normal(0.02), (self.roi_size**2, self.hidden_dim))
       if cell_tokens is not None:
