@@ -18,12 +18,12 @@ from lld_jax.default_config import base_config
 
 def get_config():
   c = base_config()
-  c.total_steps = 450
+  c.total_steps = 420
   c.per_device_batch_size = 4
   c.image_size = 256
   c.max_objects = 8  # the demo fields hold at most 6 cells; more would only pad the denoising groups
   c.log_every_steps = 20
-  c.eval_every_steps = 450  # the final evaluation only: every second counts in a 15-minute demo
+  c.eval_every_steps = 420  # the final evaluation only: every second counts in a 15-minute demo
   c.checkpoint_every_steps = 100
   c.dataset.name = 'lld'
   c.dataset.config = 'full'
