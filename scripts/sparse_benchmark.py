@@ -95,8 +95,8 @@ def main():
     rows[name]['pseudo_labels_per_step'] = float(np.mean(counts)) if counts else None
   with open(os.path.join(args.out, 'table.json'), 'w') as f:
     json.dump(rows, f, indent=2)
-  lines = ['| setting | mAP50 | mAP50:95 | attribute mean F1 (strict) | pseudo-labels per step after warm-up (mean) |',
-           '|---|---|---|---|---|']
+  lines = ['| setting | mAP50 | mAP50:95 | attribute mean F1 (strict) '
+           '| pseudo-labels per step after warm-up (mean) |', '|---|---|---|---|---|']
   for name, row in rows.items():
     lines.append(f'| {name} | ' + ' | '.join('-' if v is None else f'{v:.3f}' for v in row.values()) + ' |')
   with open(os.path.join(args.out, 'table.md'), 'w') as f:

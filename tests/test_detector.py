@@ -239,3 +239,10 @@ def test_cell_crops_refine_only_the_last_layer_classes():
   # Among the denoising queries only the first group's positive copies (the ones the head reads) change.
   moved = ~np.isclose(np.asarray(outputs['dn_logits'][-1]), np.asarray(base['dn_logits'][-1]), atol=1e-4).all(-1)
   np.testing.assert_array_equal(moved[0], np.arange(NUM_DN) < MAX_TARGETS)
+
+
+def test_cell_crops_need_the_query_attribute_head():
+  images, image_mask, _ = _inputs()
+  model = MODEL.clone(attribute_head='mlp', cell_crop_size=8)
+  with np.testing.assert_raises_regex(ValueError, 'attribute_head=query'):
+    jax.eval_shape(functools.partial(model.init, train=False), {'params': jax.random.PRNGKey(0)}, images, image_mask)

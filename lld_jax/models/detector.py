@@ -454,10 +454,12 @@ class Detector(nn.Module):
     if self.cell_crop_size:
       cell_tokens = CellCropEncoder(self.hidden_dim, self.cell_crop_size, dtype=self.dtype, name='cell_encoder')(
           images, attribute_boxes)
-    refine_classes = self.cell_class_refinement and self.attribute_head == 'query'
+    if (self.cell_crop_size or self.cell_class_refinement) and self.attribute_head != 'query':
+      raise ValueError(f'model.cell_crop_size / model.cell_class_refinement need attribute_head=query (the queries '
+                       f'read the crops), got attribute_head={self.attribute_head!r}')
     attribute_logits, class_refinement = AttributeHead(
         self.attribute_values, self.hidden_dim, roi_size=self.roi_size, mode=self.attribute_head,
-        num_classes=self.num_classes if refine_classes else 0, dtype=self.dtype, name='attribute_head')(
+        num_classes=self.num_classes if self.cell_class_refinement else 0, dtype=self.dtype, name='attribute_head')(
             attribute_queries, attribute_boxes, levels[0], masks[0], cell_tokens)
     if class_refinement is not None:  # the last layer's classes, for the queries the head has read
       last = all_logits[-1]
