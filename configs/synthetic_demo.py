@@ -46,5 +46,4 @@ def get_config():
   c.optimizer.warmup_steps = 50
   c.optimizer.ema_decay = 0.998
   c.optimizer.ema_warmup_steps = 100
-  c.eval.max_detections = 30
   return c

@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.max_detections = 100
   c.eval.score_threshold = 0.001
+  # Per-class NMS of the detections; 1.0 turns it off. Early in training (the demo budget) it removes the
+  # duplicate answers of several queries to one cell; a converged set predictor barely needs it.
+  c.eval.nms_iou_threshold = 0.7
   c.eval.attribute_score_threshold = 0.3
 
   c.distributed = ml_collections.ConfigDict()

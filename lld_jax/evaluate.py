@@ -61,7 +61,7 @@ def predict_split(model, state, builder, split, config) -> list[metrics_lib.Imag
         found = postprocess.to_detections(
             outputs['logits'][d, b], outputs['boxes'][d, b], outputs['attribute_logits'][d, b],
             config.image_size, float(meta['scale'][d, b]), meta['original_size'][d, b],
-            config.eval.max_detections, config.eval.score_threshold)
+            config.eval.max_detections, config.eval.score_threshold, config.eval.nms_iou_threshold)
         index = int(meta['index'][d, b])
         predictions[index] = metrics_lib.ImagePrediction(
             image_id=str(index), boxes=found.boxes, scores=found.scores, labels=found.labels,

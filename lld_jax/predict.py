@@ -444,6 +444,7 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   model, variables = restore_model(config, workdir, num_classes or len(class_names))
   image_size = int(config.image_size)
   max_detections = int(config.get('eval', {}).get('max_detections', 100))
+  nms_iou_threshold = float(config.get('eval', {}).get('nms_iou_threshold', 1.0))
   num_devices = jax.local_device_count()
   per_device = max(int(batch_size), 1)
   global_batch = num_devices * per_device
@@ -468,7 +469,7 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
       height, width = item.image.shape[:2]
       found = postprocess.to_detections(
           outputs['logits'][i], outputs['boxes'][i], outputs['attribute_logits'][i], image_size, item.scale,
-          (height, width), max_detections, score_threshold)
+          (height, width), max_detections, score_threshold, nms_iou_threshold)
       records = detection_records(found, item.image_id, item.file_name, class_names)
       results.extend(records)
       image_table[str(item.image_id)] = {'file_name': item.file_name, 'width': int(width), 'height': int(height)}

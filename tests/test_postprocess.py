@@ -1,0 +1,59 @@
+"""Detections from model outputs: per-class non-maximum suppression against a greedy numpy reference."""
+
+import numpy as np
+import pytest
+
+from lld_jax import metrics
+from lld_jax import postprocess
+
+
+def _greedy_nms_reference(boxes, scores, labels, iou_threshold):
+  order = list(np.argsort(-scores, kind='stable'))
+  kept = []
+  while order:
+    best = order.pop(0)
+    kept.append(best)
+    overlaps = metrics.box_iou(boxes[best][None], boxes[order])[0] if order else np.zeros(0)
+    order = [i for i, iou in zip(order, overlaps) if labels[i] != labels[best] or iou <= iou_threshold]
+  return np.asarray(kept, np.int64)
+
+
+@pytest.mark.parametrize('iou_threshold', [0.3, 0.7])
+def test_per_class_nms_matches_greedy_reference(iou_threshold):
+  rng = np.random.default_rng(0)
+  centres = rng.uniform(20, 200, (30, 2))
+  sizes = rng.uniform(10, 40, (30, 2))
+  boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], -1)
+  boxes = np.concatenate([boxes, boxes + rng.normal(0, 2, boxes.shape)])  # near-duplicates, as early DETRs give
+  scores = rng.permutation(np.linspace(0.05, 0.95, 60))  # distinct: the greedy order is unambiguous
+  labels = rng.integers(0, 3, 60)
+  kept = postprocess.per_class_nms(boxes, scores, labels, iou_threshold, max_output=60)
+  expected = _greedy_nms_reference(boxes, scores, labels, iou_threshold)
+  assert 0 < len(expected) < 60  # the case suppresses something and keeps something
+  np.testing.assert_array_equal(kept, expected)
+  np.testing.assert_array_equal(postprocess.per_class_nms(boxes, scores, labels, iou_threshold, max_output=5),
+                                expected[:5])
+
+
+def _duplicated_cell_outputs():
+  """Three queries on one cell (two say class 0, one class 1), one query on another cell (class 0)."""
+  boxes = np.array([[0.30, 0.30, 0.20, 0.20], [0.31, 0.30, 0.20, 0.20], [0.30, 0.31, 0.20, 0.20],
+                    [0.70, 0.70, 0.20, 0.20]], np.float32)
+  logits = np.full((4, 2), -8.0, np.float32)
+  logits[0, 0], logits[1, 0], logits[2, 1], logits[3, 0] = 3.0, 2.0, 1.0, 0.0
+  attribute_logits = np.zeros((4, 7, 3), np.float32)
+  return logits, boxes, attribute_logits
+
+
+def test_to_detections_suppresses_same_class_duplicates_only():
+  logits, boxes, attribute_logits = _duplicated_cell_outputs()
+  found = postprocess.to_detections(logits, boxes, attribute_logits, 100, 1.0, (100, 100), max_detections=3,
+                                    score_threshold=0.01, nms_iou_threshold=0.7)
+  # Query 1 repeats query 0's class on its box and goes; query 2's other class stays; the truncation to three
+  # detections then reaches the second cell instead of the duplicate.
+  assert found.labels.tolist() == [0, 1, 0]
+  np.testing.assert_allclose(found.boxes[2], [60, 60, 80, 80], atol=1e-4)
+  without = postprocess.to_detections(logits, boxes, attribute_logits, 100, 1.0, (100, 100), max_detections=3,
+                                      score_threshold=0.01, nms_iou_threshold=1.0)
+  assert without.labels.tolist() == [0, 0, 1]
+  np.testing.assert_allclose(without.scores, 1 / (1 + np.exp(-np.array([3.0, 2.0, 1.0]))), rtol=1e-6)
