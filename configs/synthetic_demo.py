@@ -41,6 +41,7 @@ def get_config():
   c.model.num_decoder_layers = 3
   c.model.num_queries = 30
   c.model.denoising_groups = 4
+  c.eval.class_scores = 'cell_classifier'
   c.optimizer.learning_rate = 5e-4
   c.optimizer.backbone_lr_factor = 1.0  # trained from scratch
   c.optimizer.warmup_steps = 50

@@ -81,6 +81,21 @@ def _token_losses(outputs, targets, loss_config, axis_name):
           'giou/tokens': giou_sum / normalizer}
 
 
+def _cell_cross_entropy(logits, dn_logits, values, final_assignment, outputs, targets, axis_name):
+  """Mean cross-entropy of per-cell categorical labels (attributes, or the class as one more) [B, T, A]: read
+  from the final layer's matched queries (logits [B, Q, A, V]) and from the positive denoising copies the model
+  reads them for (dn_logits [B, D, A, V], one per target slot, laid out first)."""
+  total, count = losses.attribute_loss(losses.gather_queries(logits, final_assignment), values, targets['weight'])
+  if dn_logits is not None:
+    num_read = dn_logits.shape[1]
+    target_index = outputs['dn_target_index'][:, :num_read]
+    dn_weight = jnp.where(outputs['dn_is_positive'][:, :num_read] & outputs['dn_valid'][:, :num_read],
+                          losses.gather_queries(targets['weight'], target_index), 0.0)
+    dn_total, dn_count = losses.attribute_loss(dn_logits, losses.gather_queries(values, target_index), dn_weight)
+    total, count = total + dn_total, count + dn_count
+  return total / _global_count(count, axis_name)
+
+
 def detection_loss(outputs, targets, loss_config, axis_name=None):
   """Total weighted loss and a dict of its terms.
 
@@ -133,24 +148,17 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
         terms[f'dn_{term}/layer{layer}'] = value
   final_assignment = assignments[final]
 
-  # Attributes of matched queries (final layer), and of positive denoising queries.
-  attribute_sum, attribute_count = losses.attribute_loss(
-      losses.gather_queries(outputs['attribute_logits'], final_assignment), targets['attributes'],
-      targets['weight'])
-  if 'dn_attribute_logits' in outputs:
-    # The model classifies the attributes of the first denoising queries only (one positive copy per slot).
-    count = outputs['dn_attribute_logits'].shape[1]
-    target_index = outputs['dn_target_index'][:, :count]
-    dn_attributes = losses.gather_queries(targets['attributes'], target_index)
-    dn_weight = jnp.where(outputs['dn_is_positive'][:, :count] & outputs['dn_valid'][:, :count],
-                          losses.gather_queries(targets['weight'], target_index), 0.0)
-    dn_sum, dn_count = losses.attribute_loss(outputs['dn_attribute_logits'], dn_attributes, dn_weight)
-    attribute_sum, attribute_count = attribute_sum + dn_sum, attribute_count + dn_count
-  terms['attributes'] = attribute_sum / _global_count(attribute_count, axis_name)
+  terms['attributes'] = _cell_cross_entropy(outputs['attribute_logits'], outputs.get('dn_attribute_logits'),
+                                            targets['attributes'], final_assignment, outputs, targets, axis_name)
+  if 'cell_class_logits' in outputs and loss_config.cell_class_weight:
+    as_one_attribute = lambda x: None if x is None else x[:, :, None, :]
+    terms['cell_class'] = _cell_cross_entropy(
+        as_one_attribute(outputs['cell_class_logits']), as_one_attribute(outputs.get('dn_cell_class_logits')),
+        targets['labels'][:, :, None], final_assignment, outputs, targets, axis_name)
 
+  term_weights.update(attributes=loss_config.attribute_weight, cell_class=loss_config.cell_class_weight)
   total = 0.0
   for name, value in terms.items():
-    base = name.split('/')[0].removeprefix('dn_')
-    weight = loss_config.attribute_weight if base == 'attributes' else term_weights[base]
+    weight = term_weights[name.split('/')[0].removeprefix('dn_')]
     total = total + weight * value
   return total, terms

@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.l1_weight = 5.0
   c.loss.giou_weight = 2.0
   c.loss.attribute_weight = 1.0
+  c.loss.cell_class_weight = 1.0  # cross-entropy of the cell-crop classifier (model.cell_class_refinement)
   c.loss.aux_loss = True
   # 'one_to_one': Hungarian matching of the selected proposals (RT-DETR). 'one_to_many': every encoder token is a
   # prediction with task-aligned assignment (YOLOv8's); slower to converge in our A/B (docs/results.md).
@@ -102,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-class NMS of the detections; 1.0 turns it off. Early in training (the demo budget) it removes the
   # duplicate answers of several queries to one cell; a converged set predictor barely needs it.
   c.eval.nms_iou_threshold = 0.7
+  # 'detector': the decoder's sigmoid class scores. 'cell_classifier': the decoder's best score per query times
+  # the cell-crop classifier's class probabilities (needs model.cell_crop_size and model.cell_class_refinement).
+  c.eval.class_scores = 'detector'
   c.eval.attribute_score_threshold = 0.3
 
   c.distributed = ml_collections.ConfigDict()

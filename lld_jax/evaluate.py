@@ -53,6 +53,7 @@ def predict_split(model, state, builder, split, config) -> list[metrics_lib.Imag
   for batch in sharding.prefetch_to_devices(
       input_pipeline.eval_dataset(builder, split, config, num_devices).as_numpy_iterator()):
     outputs = jax.device_get(p_predict(replicated, {k: batch[k] for k in ('image', 'image_mask')}))
+    cell_class_logits = postprocess.cell_classifier_logits(outputs, config.eval.class_scores)
     meta = jax.device_get({k: batch[k] for k in ('index', 'scale', 'original_size', 'example_valid')})
     for d in range(num_devices):
       for b in range(config.per_device_batch_size):
@@ -61,11 +62,12 @@ def predict_split(model, state, builder, split, config) -> list[metrics_lib.Imag
         found = postprocess.to_detections(
             outputs['logits'][d, b], outputs['boxes'][d, b], outputs['attribute_logits'][d, b],
             config.image_size, float(meta['scale'][d, b]), meta['original_size'][d, b],
-            config.eval.max_detections, config.eval.score_threshold, config.eval.nms_iou_threshold)
+            config.eval.max_detections, config.eval.score_threshold, config.eval.nms_iou_threshold,
+            None if cell_class_logits is None else cell_class_logits[d, b])
         index = int(meta['index'][d, b])
         predictions[index] = metrics_lib.ImagePrediction(
             image_id=str(index), boxes=found.boxes, scores=found.scores, labels=found.labels,
-            attributes=found.attributes)
+            attributes=found.attributes, cell_scores=found.cell_scores)
   return [predictions[i] for i in sorted(predictions)]
 
 

@@ -57,6 +57,8 @@ class ImagePrediction:
   scores: np.ndarray  # [n]
   labels: np.ndarray  # [n] int class ids 0..K-1
   attributes: np.ndarray  # [n, A] int predicted values
+  # [n] confidence that a cell is there whatever its class, for the attribute score threshold; None = scores
+  cell_scores: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -120,6 +122,7 @@ class _Image:
   dt_scores: np.ndarray
   dt_labels: np.ndarray
   dt_attrs: np.ndarray
+  dt_cell_scores: np.ndarray
   num_outside: int
 
 
@@ -164,11 +167,13 @@ def _prepare(truths, predictions, num_classes: int, num_attributes: int) -> list
       dt_scores = np.zeros((0,))
       dt_labels = np.zeros((0,), np.int64)
       dt_attrs = np.zeros((0, num_attributes), np.int64)
+      dt_cell_scores = dt_scores
     else:
       dt_boxes = _as_boxes(p.boxes)
       dt_scores = np.asarray(p.scores, np.float64).reshape(-1)
       dt_labels = np.asarray(p.labels, np.int64).reshape(-1)
-      if not len(dt_boxes) == len(dt_scores) == len(dt_labels):
+      dt_cell_scores = dt_scores if p.cell_scores is None else np.asarray(p.cell_scores, np.float64).reshape(-1)
+      if not len(dt_boxes) == len(dt_scores) == len(dt_labels) == len(dt_cell_scores):
         raise ValueError(f'{t.image_id}: inconsistent prediction lengths')
       dt_attrs = _as_attrs(p.attributes, len(dt_boxes), num_attributes)
     for name, labels in (('truth', gt_labels), ('prediction', dt_labels)):
@@ -178,10 +183,11 @@ def _prepare(truths, predictions, num_classes: int, num_attributes: int) -> list
     if t.annotation_mask is not None and len(dt_boxes):
       keep = _inside_mask(dt_boxes, t)
       num_outside = int((~keep).sum())
-      dt_boxes, dt_scores, dt_labels, dt_attrs = dt_boxes[keep], dt_scores[keep], dt_labels[keep], dt_attrs[keep]
+      dt_boxes, dt_scores, dt_labels, dt_attrs, dt_cell_scores = (
+          x[keep] for x in (dt_boxes, dt_scores, dt_labels, dt_attrs, dt_cell_scores))
     order = np.argsort(-dt_scores, kind='stable')
     images.append(_Image(t, gt_boxes, gt_labels, gt_attrs, dt_boxes[order], dt_scores[order], dt_labels[order],
-                         dt_attrs[order], num_outside))
+                         dt_attrs[order], dt_cell_scores[order], num_outside))
   return images
 
 
@@ -352,7 +358,7 @@ def _attribute_confusions(images: list[_Image], attribute_names, value_names, sc
   mats = {proto: [np.zeros((len(vn), len(vn) + 1), np.int64) for vn in value_names] for proto in PROTOCOLS}
   dropped_images = dropped_cells = 0
   for im in images:
-    keep = im.dt_scores >= score_threshold
+    keep = im.dt_cell_scores >= score_threshold
     dt_boxes, dt_attrs = im.dt_boxes[keep], im.dt_attrs[keep]
     matches = {STRICT: match_strict(im.gt_boxes, dt_boxes), PAPER: match_paper(im.gt_boxes, dt_boxes)}
     if len(dt_boxes) == 0 and len(im.gt_boxes):
@@ -410,7 +416,8 @@ def evaluate_full(truths: Sequence[ImageTruth], predictions: Sequence[ImagePredi
   attribute_values: value names per attribute (their count defines the number of values); default: LLD's names for
     LLD attribute names, else values 0..max seen in the ground truth (at least 2).
   scored_attributes: attribute indices averaged into `attributes/mean_f1_*`; default: every attribute with 2 values.
-  attribute_score_threshold: detections scoring below it are ignored by both attribute protocols (not by mAP).
+  attribute_score_threshold: detections whose cell score (`ImagePrediction.cell_scores`, else their score) is below
+    it are ignored by both attribute protocols (not by mAP).
   max_dets: COCOeval maxDets; AP uses the last (largest) one.
   """
   class_names = tuple(class_names)

@@ -12,6 +12,9 @@ class Detections:
   labels: np.ndarray  # [n]
   attributes: np.ndarray  # [n, A] predicted value per attribute
   attribute_confidence: np.ndarray  # [n, A] probability of the predicted value
+  # [n] the decoder's best score of the detection's query: how sure the model is that a cell is there, whatever
+  # its class (the attribute protocols threshold on it)
+  cell_scores: np.ndarray
 
 
 def _sigmoid(x):
@@ -40,19 +43,50 @@ def per_class_nms(boxes, scores, labels, iou_threshold, max_output) -> np.ndarra
   return kept.numpy().astype(np.int64)
 
 
+def class_scores(logits, cell_class_logits=None):
+  """Scores [Q, K] of each (query, class) pair: the decoder's sigmoids, or, given the cell classifier's logits
+  [Q, K], the geometric mean of those sigmoids and the classifier's softmax probabilities.
+
+  The decoder's score also says whether the query is the one answer to a cell and how well its box fits; the
+  classifier, trained on the cell's pixels alone, knows the class better. On the demo the mean beat both the
+  decoder alone and the decoder's best score times the classifier (docs/results.md)."""
+  scores = _sigmoid(logits.astype(np.float64))
+  if cell_class_logits is None:
+    return scores
+  return np.sqrt(scores * _softmax(cell_class_logits.astype(np.float64)))
+
+
+CLASS_SCORE_RULES = ('detector', 'cell_classifier')
+
+
+def cell_classifier_logits(outputs, rule):
+  """The cell classifier's logits [..., Q, K] from a batch of model outputs when `rule` (eval.class_scores)
+  asks for them, else None."""
+  if rule not in CLASS_SCORE_RULES:
+    raise ValueError(f'eval.class_scores={rule!r}: expected one of {CLASS_SCORE_RULES}')
+  if rule == 'detector':
+    return None
+  if 'cell_class_logits' not in outputs:
+    raise ValueError('eval.class_scores=cell_classifier needs a model with a cell classifier '
+                     '(model.cell_crop_size > 0 and model.cell_class_refinement=True)')
+  return outputs['cell_class_logits']
+
+
 def to_detections(logits, boxes, attribute_logits, canvas_size, scale, original_size, max_detections=100,
-                  score_threshold=0.0, nms_iou_threshold=None) -> Detections:
+                  score_threshold=0.0, nms_iou_threshold=None, cell_class_logits=None) -> Detections:
   """One image's detections: the top-scoring (query, class) pairs, boxes mapped back to the original pixels.
 
   logits [Q, K]; boxes [Q, 4] normalized cxcywh on the square canvas of side `canvas_size`; scale = canvas pixels
   per original pixel; original_size = (height, width). A query may give several classes (DETR's top-k), each with
-  that query's attributes. With `nms_iou_threshold`, a pair is dropped when a higher-scoring pair of the same class
+  that query's attributes; `cell_class_logits` switches the scores to `class_scores`'s product. With
+  `nms_iou_threshold`, a pair is dropped when a higher-scoring pair of the same class
   overlaps it by more than that IoU: a set predictor early in training still answers one cell with several
   queries, and those duplicates are false positives that would also crowd real cells out of the top
   `max_detections`.
   """
   num_queries, num_classes = logits.shape
-  scores = _sigmoid(logits.astype(np.float64)).ravel()
+  scores = class_scores(logits, cell_class_logits).ravel()
+  query_scores = _sigmoid(logits.astype(np.float64)).max(-1)
   top = np.argsort(-scores, kind='stable')
   top = top[scores[top] > score_threshold]
   query, label = np.divmod(top, num_classes)
@@ -66,4 +100,5 @@ def to_detections(logits, boxes, attribute_logits, canvas_size, scale, original_
   top, query, label, xyxy = top[keep], query[keep], label[keep], xyxy[keep]
   probs = _softmax(attribute_logits[query].astype(np.float64))
   return Detections(boxes=xyxy, scores=scores[top], labels=label.astype(np.int64),
-                    attributes=probs.argmax(-1), attribute_confidence=probs.max(-1))
+                    attributes=probs.argmax(-1), attribute_confidence=probs.max(-1),
+                    cell_scores=query_scores[query])

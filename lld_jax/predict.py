@@ -445,6 +445,7 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   image_size = int(config.image_size)
   max_detections = int(config.get('eval', {}).get('max_detections', 100))
   nms_iou_threshold = float(config.get('eval', {}).get('nms_iou_threshold', 1.0))
+  score_rule = config.get('eval', {}).get('class_scores', 'detector')
   num_devices = jax.local_device_count()
   per_device = max(int(batch_size), 1)
   global_batch = num_devices * per_device
@@ -465,11 +466,13 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
               'image_mask': masks.reshape(num_devices, per_device, *masks.shape[1:])}
     outputs = jax.device_get(p_predict(replicated, sharding.shard(inputs)))
     outputs = {k: np.asarray(v).reshape(global_batch, *v.shape[2:]) for k, v in outputs.items()}
+    cell_class_logits = postprocess.cell_classifier_logits(outputs, score_rule)
     for i, item in enumerate(batch):
       height, width = item.image.shape[:2]
       found = postprocess.to_detections(
           outputs['logits'][i], outputs['boxes'][i], outputs['attribute_logits'][i], image_size, item.scale,
-          (height, width), max_detections, score_threshold, nms_iou_threshold)
+          (height, width), max_detections, score_threshold, nms_iou_threshold,
+          None if cell_class_logits is None else cell_class_logits[i])
       records = detection_records(found, item.image_id, item.file_name, class_names)
       results.extend(records)
       image_table[str(item.image_id)] = {'file_name': item.file_name, 'width': int(width), 'height': int(height)}

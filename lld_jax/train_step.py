@@ -195,5 +195,8 @@ def train_step(state: TrainState, batch, *, model, tx, config):
 
 def predict_step(variables, batch, *, model):
   outputs = model.apply(variables, batch['image'], batch['image_mask'], train=False)
-  return {'logits': outputs['pred_logits'][-1], 'boxes': outputs['pred_boxes'][-1],
-          'attribute_logits': outputs['attribute_logits']}
+  found = {'logits': outputs['pred_logits'][-1], 'boxes': outputs['pred_boxes'][-1],
+           'attribute_logits': outputs['attribute_logits']}
+  if 'cell_class_logits' in outputs:
+    found['cell_class_logits'] = outputs['cell_class_logits']
+  return found

@@ -209,7 +209,7 @@ def _with_denoising(rng, outputs, targets, groups=2):
 
 
 _FLOAT_KEYS = ('pred_logits', 'pred_boxes', 'attribute_logits', 'enc_logits', 'enc_boxes', 'dn_logits', 'dn_boxes',
-               'dn_attribute_logits')
+               'dn_attribute_logits', 'cell_class_logits', 'dn_cell_class_logits')
 
 
 @functools.partial(jax.jit, static_argnums=2, compiler_options=_FAST_COMPILE)
@@ -346,3 +346,47 @@ def test_one_to_many_encoder_loss_replaces_proposal_matching_and_respects_the_re
   assert float(jnp.abs(grads['token_logits'][1]).sum()) > 0.0
   with pytest.raises(ValueError, match='per-token outputs'):
     criterion.detection_loss(_outputs(rng, targets), targets, config)
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_cell_class_cross_entropy_reads_matched_queries_and_first_denoising_positives():
+  """The cell classifier's loss: softmax cross-entropy of the target class, over the final layer's matched queries
+  and the positive copies of the first denoising group, whatever the other queries say."""
+  rng = np.random.default_rng(7)
+  targets = _targets(rng, (2, T))
+  outputs = _with_denoising(rng, _outputs(rng, targets), targets)
+  num_read = T  # the model reads the first denoising group's positives: one per target slot
+  outputs.update(cell_class_logits=rng.normal(0, 2, (B, Q, K)).astype(np.float32),
+                 dn_cell_class_logits=rng.normal(0, 2, (B, num_read, K)).astype(np.float32))
+  total, terms, grads = _run(outputs, targets)
+  _assert_finite(total, terms, grads)
+
+  query_for_target, _ = jax.jit(functools.partial(matching.batched_match, weights=matching.CostWeights()),
+                                compiler_options=_FAST_COMPILE)(
+      outputs['pred_logits'][-1], outputs['pred_boxes'][-1], targets['labels'], targets['boxes'],
+      targets['weight'] > 0, targets['annotation_mask'])
+  query_for_target = np.asarray(query_for_target)
+  matched_ce, dn_ce = [], []
+  for b in range(B):
+    for t in np.flatnonzero(targets['weight'][b] > 0):
+      label = targets['labels'][b, t]
+      matched_ce.append(-_log_softmax(outputs['cell_class_logits'][b, query_for_target[b, t]])[label])
+    for slot in range(num_read):
+      if outputs['dn_is_positive'][b, slot] and outputs['dn_valid'][b, slot]:
+        label = targets['labels'][b, outputs['dn_target_index'][b, slot]]
+        dn_ce.append(-_log_softmax(outputs['dn_cell_class_logits'][b, slot])[label])
+  assert matched_ce and dn_ce
+  expected = (np.sum(matched_ce) + np.sum(dn_ce)) / (len(matched_ce) + len(dn_ce))
+  np.testing.assert_allclose(float(terms['cell_class']), expected, rtol=1e-5)
+  unmatched = np.ones((B, Q), bool)
+  for b in range(B):
+    unmatched[b, query_for_target[b, targets['weight'][b] > 0]] = False
+  assert float(jnp.abs(grads['cell_class_logits'][unmatched]).sum()) == 0.0  # duplicates are not negatives
+  config = _loss_config()
+  config.cell_class_weight = 0.0
+  _, without, _ = _run(outputs, targets, config)
+  assert 'cell_class' not in without

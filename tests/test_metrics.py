@@ -283,3 +283,17 @@ def test_plots_write_png(tmp_path):
   for path in paths.values():
     assert _is_png(path)
     assert (tmp_path / path).stat().st_size > 1000
+
+
+def test_attribute_threshold_reads_cell_scores_when_given():
+  """A detection whose class is uncertain (low score) but whose cell is certain still carries its attributes."""
+  t = [truth('0', [[10, 10, 50, 50]], [0], attrs=[[1, 1]])]
+  low = pred('0', [[10, 10, 50, 50]], [0.2], [0], attrs=[[1, 1]])
+  assert run(t, [low], attribute_score_threshold=0.3)['attributes/strict/chrom/recall'] == 0.0
+  certain_cell = M.ImagePrediction(low.image_id, low.boxes, low.scores, low.labels, low.attributes,
+                                   cell_scores=np.array([0.6]))
+  m = run(t, [certain_cell], attribute_score_threshold=0.3)
+  assert m['attributes/strict/chrom/recall'] == 1.0
+  assert m['mAP50'] == run(t, [low])['mAP50']  # mAP reads the scores only
+  with pytest.raises(ValueError, match='inconsistent prediction lengths'):
+    run(t, [M.ImagePrediction('0', low.boxes, low.scores, low.labels, low.attributes, cell_scores=np.ones(2))])

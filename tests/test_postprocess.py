@@ -57,3 +57,29 @@ def test_to_detections_suppresses_same_class_duplicates_only():
                                       score_threshold=0.01, nms_iou_threshold=1.0)
   assert without.labels.tolist() == [0, 0, 1]
   np.testing.assert_allclose(without.scores, 1 / (1 + np.exp(-np.array([3.0, 2.0, 1.0]))), rtol=1e-6)
+
+
+def test_cell_classifier_scores_rank_classes_by_the_classifier():
+  logits, boxes, attribute_logits = _duplicated_cell_outputs()
+  logits[3, 1] = -0.5  # the decoder leans to class 0 for the second cell (0.5 against 0.38)...
+  cell_class_logits = np.zeros((4, 2), np.float32)
+  cell_class_logits[3] = [0.0, np.log(3.0)]  # ...the classifier to class 1, with probability 0.75
+  scores = postprocess.class_scores(logits, cell_class_logits)
+  decoder = 1 / (1 + np.exp(-logits[3].astype(np.float64)))
+  np.testing.assert_allclose(scores[3], np.sqrt(decoder * [0.25, 0.75]), rtol=1e-6)
+  np.testing.assert_allclose(scores[0], np.sqrt(1 / (1 + np.exp(-logits[0].astype(np.float64))) * 0.5), rtol=1e-6)
+  found = postprocess.to_detections(logits, boxes, attribute_logits, 100, 1.0, (100, 100), max_detections=8,
+                                    score_threshold=0.3, nms_iou_threshold=0.7, cell_class_logits=cell_class_logits)
+  on_second_cell = np.isclose(found.boxes[:, 0], 60, atol=1e-3)
+  assert found.labels[on_second_cell].tolist() == [1, 0]  # best first: the classifier's class wins
+  np.testing.assert_allclose(found.scores[on_second_cell], scores[3, [1, 0]], rtol=1e-6)
+
+
+def test_cell_classifier_logits_rule():
+  outputs = {'logits': np.zeros((1, 4, 2)), 'cell_class_logits': np.ones((1, 4, 2))}
+  assert postprocess.cell_classifier_logits(outputs, 'detector') is None
+  assert postprocess.cell_classifier_logits(outputs, 'cell_classifier') is outputs['cell_class_logits']
+  with pytest.raises(ValueError, match='needs a model with a cell classifier'):
+    postprocess.cell_classifier_logits({'logits': outputs['logits']}, 'cell_classifier')
+  with pytest.raises(ValueError, match="eval.class_scores='crops'"):
+    postprocess.cell_classifier_logits(outputs, 'crops')

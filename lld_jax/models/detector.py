@@ -232,9 +232,12 @@ class AttributeHead(nn.Module):
   `cell_tokens`, when given), then classifies that attribute.
 
   With `num_classes`, one more query reads the same tokens and returns class logits [B, N, K] that refine the
-  decoder's (zero at initialization). `mode='mlp'` replaces the queries by a plain MLP per attribute on the
-  decoder output (ablation).
-  Returns (attribute logits [B, N, A, V], class logits [B, N, K] or None).
+  decoder's (zero at initialization). With `num_classes` and `cell_tokens`, a linear classifier on the pooled
+  crop tokens also returns softmax logits [B, N, K] of the cell's class alone, trained by a cross-entropy that is
+  blind to duplicates (the decoder's sigmoid scores must also tell the one answer to a cell from its duplicates,
+  which look alike). `mode='mlp'` replaces the queries by a plain MLP per attribute on the decoder output
+  (ablation).
+  Returns (attribute logits [B, N, A, V], class logits [B, N, K] or None, cell-class logits [B, N, K] or None).
   """
   num_values: Sequence[int]
   hidden_dim: int
@@ -248,7 +251,7 @@ class AttributeHead(nn.Module):
   def __call__(self, object_features, boxes, feature_map, feature_mask, cell_tokens=None):
     num_attributes, max_values = len(self.num_values), max(self.num_values)
     batch, num_objects, _ = object_features.shape
-    class_logits = None
+    class_logits = cell_class_logits = None
     if self.mode == 'query':
       masked_map = feature_map * feature_mask[..., None].astype(feature_map.dtype)
       roi = roi_sample(masked_map, boxes, self.roi_size)  # [B, N, R, C]
@@ -274,13 +277,19 @@ class AttributeHead(nn.Module):
       if self.num_classes:
         class_logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                                 name='class_refinement')(x[:, :, num_attributes]).astype(jnp.float32)
+        if cell_tokens is not None:
+          # Pooled crop features only: the shared attention above stays the attributes' (a cross-entropy
+          # there from the first step cost attribute F1 in our A/B).
+          pooled = nn.LayerNorm(dtype=self.dtype, name='cell_classifier_norm')(cell_tokens.mean(2))
+          cell_class_logits = nn.Dense(self.num_classes, dtype=self.dtype, name='cell_classifier')(
+              pooled).astype(jnp.float32)
     elif self.mode == 'mlp':
       logits = jnp.stack([MLP(self.hidden_dim, max_values, 2, self.dtype, name=f'attribute{a}')(object_features)
                           for a in range(num_attributes)], axis=2).astype(jnp.float32)
     else:
       raise ValueError(f'unknown attribute head {self.mode!r}; expected query or mlp')
     allowed = jnp.arange(max_values)[None, :] < jnp.asarray(self.num_values)[:, None]  # [A, V]
-    return jnp.where(allowed, logits, _NEG_INF), class_logits
+    return jnp.where(allowed, logits, _NEG_INF), class_logits, cell_class_logits
 
 
 def token_anchors(shapes, masks, base_size=0.05):
@@ -457,7 +466,7 @@ class Detector(nn.Module):
     if (self.cell_crop_size or self.cell_class_refinement) and self.attribute_head != 'query':
       raise ValueError(f'model.cell_crop_size / model.cell_class_refinement need attribute_head=query (the queries '
                        f'read the crops), got attribute_head={self.attribute_head!r}')
-    attribute_logits, class_refinement = AttributeHead(
+    attribute_logits, class_refinement, cell_class_logits = AttributeHead(
         self.attribute_values, self.hidden_dim, roi_size=self.roi_size, mode=self.attribute_head,
         num_classes=self.num_classes if self.cell_class_refinement else 0, dtype=self.dtype, name='attribute_head')(
             attribute_queries, attribute_boxes, levels[0], masks[0], cell_tokens)
@@ -470,7 +479,11 @@ class Detector(nn.Module):
     logits, boxes = jnp.stack(all_logits), jnp.stack(all_boxes)
     outputs.update(pred_logits=logits[:, :, num_denoising:], pred_boxes=boxes[:, :, num_denoising:],
                    attribute_logits=attribute_logits[:, num_attribute_dn:])
+    if cell_class_logits is not None:
+      outputs['cell_class_logits'] = cell_class_logits[:, num_attribute_dn:]
     if num_denoising:
       outputs.update(dn_logits=logits[:, :, :num_denoising], dn_boxes=boxes[:, :, :num_denoising],
                      dn_attribute_logits=attribute_logits[:, :num_attribute_dn])
+      if cell_class_logits is not None:
+        outputs['dn_cell_class_logits'] = cell_class_logits[:, :num_attribute_dn]
     return outputs
