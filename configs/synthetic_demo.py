@@ -7,10 +7,10 @@ r"""The demo: a small detector on the synthetic LLD download, on a CPU in minute
 
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
 Expected on 2 CPU cores: 0.85 steps/s after about 1.3 minutes of start-up (mostly compilation), 8.2 minutes of
-training; test mAP50 0.14-0.22 and strict attribute F1 about 0.55 (the spread between runs is large).
-`bash scripts/demo.sh` from a fresh clone (commit 14c3cd0) took 13.5 minutes in all and reached 0.143 / 0.549 (docs/results.md). The issue's quality
-targets (mAP50 0.90, F1 0.85) are out of reach: even a crop classifier given the true boxes reaches only 0.84 /
-0.76 on this data in a comparable budget (`scripts/oracle_boxes.py`).
+training; test mAP50 0.39 and strict attribute F1 0.52. `bash scripts/demo.sh` from a fresh clone (commit 77215c7)
+took 13.0 minutes in all and reached mAP50 0.391, mAP50:95 0.269, F1 strict 0.518 (docs/results.md). The issue's
+quality targets (mAP50 0.90, F1 0.85) are out of reach: even a crop classifier given the true boxes reaches only
+0.84 / 0.76 on this data in a comparable budget (`scripts/oracle_boxes.py`).
 """
 
 from lld_jax.default_config import base_config

@@ -15,6 +15,7 @@ class Detections:
   # [n] the decoder's best score of the detection's query: how sure the model is that a cell is there, whatever
   # its class (the attribute protocols threshold on it)
   cell_scores: np.ndarray
+  queries: np.ndarray  # [n] the query each detection comes from
 
 
 def _sigmoid(x):
@@ -101,4 +102,21 @@ def to_detections(logits, boxes, attribute_logits, canvas_size, scale, original_
   probs = _softmax(attribute_logits[query].astype(np.float64))
   return Detections(boxes=xyxy, scores=scores[top], labels=label.astype(np.int64),
                     attributes=probs.argmax(-1), attribute_confidence=probs.max(-1),
-                    cell_scores=query_scores[query])
+                    cell_scores=query_scores[query], queries=query)
+
+
+def one_per_cell(found: Detections, min_cell_score: float, iou_threshold: float = 0.7) -> Detections:
+  """What a person reads: each cell once, with its most likely class.
+
+  Keeps each query's best-scoring class, drops queries whose box overlaps a better one's by more than
+  `iou_threshold` whatever the class (duplicates of one cell), then the cells whose cell score is below
+  `min_cell_score`. A cell stays even when its class is uncertain (a low class score): that it is there is
+  what the cell score says. `found` must be sorted by descending score, as `to_detections` returns it.
+  """
+  _, first = np.unique(found.queries, return_index=True)
+  keep = np.sort(first)
+  if iou_threshold < 1.0 and len(keep):
+    keep = keep[per_class_nms(found.boxes[keep], found.scores[keep], np.zeros(len(keep), np.int64), iou_threshold,
+                              len(keep))]
+  keep = keep[found.cell_scores[keep] >= min_cell_score]
+  return Detections(**{field.name: getattr(found, field.name)[keep] for field in dataclasses.fields(found)})

@@ -7,8 +7,9 @@ the training saved in DIR/config.json (or --config), and runs the detector on a 
 ratio are resized exactly as in evaluation (aspect kept, scale = image_size / max(H, W), padded at the bottom and
 right) and the boxes are mapped back to the original pixels. Writes
 
-  OUT/detections.json  COCO results: image_id, file_name, category_id (class index + 1), category_name,
-                       bbox [x, y, w, h] in original pixels, score, attributes {name: value}, attribute_scores
+  OUT/detections.json  COCO results, one per cell (its most likely class): image_id, file_name, category_id
+                       (class index + 1), category_name, bbox [x, y, w, h] in original pixels, score (of the
+                       class), cell_score (that a cell is there), attributes {name: value}, attribute_scores
   OUT/images.json      {image_id: {file_name, width, height}}
   OUT/skipped.json     [{file, reason}] for unreadable or non-image files (also one stderr line each)
   OUT/overlays/<stem>.png  the image (upscaled to >= 1024 px) with numbered boxes, and a legend panel listing
@@ -176,7 +177,8 @@ def detection_records(found: postprocess.Detections, image_id: int, file_name: s
         'image_id': int(image_id), 'file_name': file_name, 'category_id': label + 1,
         'category_name': class_names[label] if label < len(class_names) else f'class_{label}',
         'bbox': [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-        'score': round(float(found.scores[i]), 5), 'attributes': values, 'attribute_scores': scores})
+        'score': round(float(found.scores[i]), 5), 'cell_score': round(float(found.cell_scores[i]), 5),
+        'attributes': values, 'attribute_scores': scores})
   return records
 
 
@@ -469,15 +471,15 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
     cell_class_logits = postprocess.cell_classifier_logits(outputs, score_rule)
     for i, item in enumerate(batch):
       height, width = item.image.shape[:2]
-      found = postprocess.to_detections(
+      found = postprocess.one_per_cell(postprocess.to_detections(
           outputs['logits'][i], outputs['boxes'][i], outputs['attribute_logits'][i], image_size, item.scale,
-          (height, width), max_detections, score_threshold, nms_iou_threshold,
-          None if cell_class_logits is None else cell_class_logits[i])
+          (height, width), max_detections, 0.0, nms_iou_threshold,
+          None if cell_class_logits is None else cell_class_logits[i]), score_threshold, nms_iou_threshold)
       records = detection_records(found, item.image_id, item.file_name, class_names)
       results.extend(records)
       image_table[str(item.image_id)] = {'file_name': item.file_name, 'width': int(width), 'height': int(height)}
       if overlays:
-        title = f'{item.file_name}: {len(records)} cell{"s" if len(records) != 1 else ""} (score >= ' \
+        title = f'{item.file_name}: {len(records)} cell{"s" if len(records) != 1 else ""} (cell score >= ' \
                 f'{score_threshold:g})'
         overlay_paths.append(draw_overlay(item.image, records, class_names,
                                           os.path.join(overlay_dir, overlay_names[item.image_id]), title=title))
@@ -500,7 +502,8 @@ def _define_flags():
   flags.DEFINE_string('images', None, 'An image file, a directory of images, or a glob.')
   flags.DEFINE_string('out', None, 'Output directory.')
   flags.DEFINE_string('config', None, 'Config file (configs/NAME.py or .json); default DIR/config.json.')
-  flags.DEFINE_float('score_threshold', 0.3, 'Keep detections scoring above this.')
+  flags.DEFINE_float('score_threshold', 0.3, 'Keep the cells whose cell score (the confidence that a cell is '
+                     'there, whatever its class) is at least this.')
   flags.DEFINE_integer('batch_size', 8, 'Images per device per step.')
   flags.mark_flags_as_required(['workdir', 'images', 'out'])
 

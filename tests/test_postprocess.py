@@ -83,3 +83,16 @@ def test_cell_classifier_logits_rule():
     postprocess.cell_classifier_logits({'logits': outputs['logits']}, 'cell_classifier')
   with pytest.raises(ValueError, match="eval.class_scores='crops'"):
     postprocess.cell_classifier_logits(outputs, 'crops')
+
+
+def test_one_per_cell_keeps_each_cell_once_with_its_best_class():
+  logits, boxes, attribute_logits = _duplicated_cell_outputs()
+  found = postprocess.to_detections(logits, boxes, attribute_logits, 100, 1.0, (100, 100), max_detections=8,
+                                    score_threshold=0.0, nms_iou_threshold=0.7)
+  cells = postprocess.one_per_cell(found, min_cell_score=0.3)
+  # Query 0 answers the first cell (its duplicates 1 and 2 go, whatever their class); query 3 the second.
+  assert cells.queries.tolist() == [0, 3] and cells.labels.tolist() == [0, 0]
+  np.testing.assert_allclose(cells.cell_scores, 1 / (1 + np.exp(-np.array([3.0, 0.0]))), rtol=1e-6)
+  assert postprocess.one_per_cell(found, min_cell_score=0.6).queries.tolist() == [0]
+  # Without the class-agnostic step, the duplicate with another class stays (the per-class NMS removed query 1).
+  assert postprocess.one_per_cell(found, min_cell_score=0.3, iou_threshold=1.0).queries.tolist() == [0, 2, 3]

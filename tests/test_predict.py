@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from lld_jax import metrics
 from lld_jax import postprocess
 from lld_jax import predict
 from lld_jax import train
@@ -212,7 +213,14 @@ def test_detections_are_coco_results(predicted):
   assert images == {'0': {'file_name': 'a_landscape.png', 'width': 300, 'height': 180},
                     '1': {'file_name': 'b_portrait_grey.jpg', 'width': 180, 'height': 300},
                     '2': {'file_name': 'c_rgba.png', 'width': 40, 'height': 50}}
-  assert len(detections) == summary['num_detections'] == 3 * 5  # threshold 0: max_detections per image
+  assert len(detections) == summary['num_detections']
+  for image_id in range(3):  # threshold 0: every cell among the top max_detections (5) pairs, each cell once
+    found = [d for d in detections if d['image_id'] == image_id]
+    assert 1 <= len(found) <= 5
+    xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in (d['bbox'] for d in found)])
+    overlap = metrics.box_iou(xyxy, xyxy)
+    assert (overlap[~np.eye(len(found), dtype=bool)] <= 0.7 + 1e-6).all()
+    assert all(0 <= d['cell_score'] <= 1 for d in found)
   for d in detections:
     assert isinstance(d['image_id'], int) and str(d['image_id']) in images
     assert d['file_name'] == images[str(d['image_id'])]['file_name']
