@@ -103,8 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-class NMS of the detections; 1.0 turns it off. Early in training (the demo budget) it removes the
   # duplicate answers of several queries to one cell; a converged set predictor barely needs it.
   c.eval.nms_iou_threshold = 0.7
-  # 'detector': the decoder's sigmoid class scores. 'cell_classifier': the decoder's best score per query times
-  # the cell-crop classifier's class probabilities (needs model.cell_crop_size and model.cell_class_refinement).
+  # 'detector': the decoder's sigmoid class scores. 'cell_classifier': their geometric mean with the cell-crop
+  # classifier's class probabilities (needs model.cell_crop_size and model.cell_class_refinement).
   c.eval.class_scores = 'detector'
   c.eval.attribute_score_threshold = 0.3
 

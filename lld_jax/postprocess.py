@@ -79,11 +79,10 @@ def to_detections(logits, boxes, attribute_logits, canvas_size, scale, original_
 
   logits [Q, K]; boxes [Q, 4] normalized cxcywh on the square canvas of side `canvas_size`; scale = canvas pixels
   per original pixel; original_size = (height, width). A query may give several classes (DETR's top-k), each with
-  that query's attributes; `cell_class_logits` switches the scores to `class_scores`'s product. With
-  `nms_iou_threshold`, a pair is dropped when a higher-scoring pair of the same class
-  overlaps it by more than that IoU: a set predictor early in training still answers one cell with several
-  queries, and those duplicates are false positives that would also crowd real cells out of the top
-  `max_detections`.
+  that query's attributes; `cell_class_logits` switches the scores to `class_scores`'s geometric mean. With
+  `nms_iou_threshold`, a pair is dropped when a higher-scoring pair of the same class overlaps it by more than
+  that IoU: a set predictor early in training still answers one cell with several queries, and those duplicates
+  are false positives that would also crowd real cells out of the top `max_detections`.
   """
   num_queries, num_classes = logits.shape
   scores = class_scores(logits, cell_class_logits).ravel()
