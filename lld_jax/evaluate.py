@@ -105,13 +105,15 @@ def restore_for_inference(config, workdir, num_classes):
   """Model and train state from DIR/best when it exists, else the latest checkpoint in DIR/checkpoints.
 
   The target state is built abstractly (jax.eval_shape): no initialization is compiled or run, and no pretrained
-  backbone file is needed, since the checkpoint holds every weight.
+  backbone file is needed, since the checkpoint holds every weight. Only the weights are read (the optimizer state
+  and counters stay abstract), so a checkpoint from before a change of the optimizer's layout still evaluates.
   """
   from lld_jax import train
   model = train.create_model(config, num_classes)
   abstract = jax.eval_shape(
       lambda rng: train.create_train_state(model, config, rng, load_pretrained=False)[0], jax.random.PRNGKey(0))
-  return model, train.restore_latest(checkpoint_manager(workdir, config), abstract)
+  return model, train.restore_latest(checkpoint_manager(workdir, config), abstract,
+                                     fields=('params', 'ema_params', 'model_state'))
 
 
 FLAGS = flags.FLAGS

@@ -79,13 +79,23 @@ def _set_aside(manager, where, error):
                   where, type(error).__name__, error, aside)
 
 
-def restore_latest(manager, state):
+def _restore_fields(path, abstract, fields):
+  """`abstract` with only the named TrainState fields read from the checkpoint item at `path`."""
+  wanted = {name: getattr(abstract, name) for name in fields}
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True))
+  return abstract.replace(**restored)
+
+
+def restore_latest(manager, state, fields=None):
   """The newest readable checkpoint, or `state` when there is none.
 
   A checkpoint cut short while being written is skipped with a warning and the one before it is used: orbax
   never lists its unfinished temporary folders, and a listed step whose files are damaged fails to read its
   metadata (it is renamed aside). A checkpoint of another model (different shapes) is an error, not something
   to skip, and so is one whose metadata reads but whose state does not restore.
+  With `fields` (TrainState field names), only those are read and the others stay as in `state`: inference
+  needs the weights, not the optimizer state, whose layout may have changed since the checkpoint was written.
   """
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
   for step in sorted(manager.all_steps(), reverse=True):
@@ -98,6 +108,8 @@ def restore_latest(manager, state):
       continue
     check_matches_config(saved if isinstance(saved, dict) else {}, abstract, where)
     try:
+      if fields is not None:  # the manager's one item is stored under 'default'
+        return _restore_fields(os.path.join(where, 'default'), abstract, fields)
       return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as error:  # pylint: disable=broad-except
       # Readable metadata with matching parameters: the rest of the state differs (another optimizer config?)

@@ -195,3 +195,24 @@ def test_errors_before_any_training(tiny_download, tmp_path, monkeypatch):
   with pytest.raises(OSError, match='MiB free, but its checkpoints need'):
     train.train_and_evaluate(tiny_config(tiny_download), str(tmp_path / 'full'))
   assert not os.path.exists(tmp_path / 'full' / 'checkpoints')
+
+
+def test_inference_reads_the_weights_of_a_checkpoint_whose_optimizer_layout_changed(tiny_download,
+                                                                                   uninterrupted_run):
+  """A checkpoint written before the optimizer state's layout changed still evaluates and predicts: inference
+  reads only the weights. Resuming training from it stays an error (its optimizer state cannot be restored)."""
+  workdir, finished = uninterrupted_run
+  config = tiny_config(tiny_download)
+  model = train.create_model(config, 14)
+  current = jax.eval_shape(lambda rng: train.create_train_state(model, config, rng, load_pretrained=False)[0],
+                           jax.random.PRNGKey(0))
+  changed = current.replace(opt_state={'some_other_layout': current.step})
+  manager, _ = train.checkpoint_managers(str(workdir), config)
+  with pytest.raises(ValueError, match='could not be restored'):
+    train.restore_latest(manager, changed)
+  restored = train.restore_latest(manager, changed, fields=('params', 'ema_params', 'model_state'))
+  for name in ('params', 'ema_params'):
+    for a, b in zip(jax.tree_util.tree_leaves(getattr(restored, name)),
+                    jax.tree_util.tree_leaves(getattr(finished, name))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert isinstance(restored.opt_state['some_other_layout'], jax.ShapeDtypeStruct)  # not read
