@@ -46,7 +46,12 @@ def _comparable(scalars):
 
 def _assert_same_run(workdir, reference):
   reference_dir, reference_state = reference
-  _, state = evaluate.restore_for_inference(tiny_config(workdir.parent), str(workdir), 14)
+  config = tiny_config(workdir.parent)
+  model = train.create_model(config, 14)
+  abstract = jax.eval_shape(lambda rng: train.create_train_state(model, config, rng, load_pretrained=False)[0],
+                            jax.random.PRNGKey(0))
+  # The whole train state, optimizer included (inference would read only the weights).
+  state = train.restore_latest(evaluate.checkpoint_manager(str(workdir), config), abstract)
   assert int(state.step) == TOTAL_STEPS
   for name in ('params', 'ema_params', 'opt_state'):
     for a, b in zip(jax.tree_util.tree_leaves(getattr(state, name)),
