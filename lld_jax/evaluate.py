@@ -110,9 +110,7 @@ def restore_for_inference(config, workdir, num_classes):
   """
   from lld_jax import train
   model = train.create_model(config, num_classes)
-  abstract = jax.eval_shape(
-      lambda rng: train.create_train_state(model, config, rng, load_pretrained=False)[0], jax.random.PRNGKey(0))
-  return model, train.restore_latest(checkpoint_manager(workdir, config), abstract,
+  return model, train.restore_latest(checkpoint_manager(workdir, config), train.abstract_train_state(model, config),
                                      fields=('params', 'ema_params', 'model_state'))
 
 

@@ -29,6 +29,7 @@ from lld_jax import input_pipeline
 from lld_jax import sharding
 from lld_jax.train_step import AXIS
 from lld_jax.train_step import TrainState  # noqa: F401  (re-exported for callers of this module)
+from lld_jax.train_step import abstract_train_state  # noqa: F401
 from lld_jax.train_step import create_model
 from lld_jax.train_step import create_train_state
 from lld_jax.train_step import model_variables  # noqa: F401

@@ -132,6 +132,13 @@ def create_train_state(model, config, rng, load_pretrained=True) -> tuple[TrainS
   return state, tx
 
 
+def abstract_train_state(model, config) -> TrainState:
+  """The shapes and dtypes of a fresh state (jax.eval_shape: nothing compiled or run, no pretrained file read),
+  the target a checkpoint is restored into."""
+  return jax.eval_shape(lambda rng: create_train_state(model, config, rng, load_pretrained=False)[0],
+                        jax.random.PRNGKey(0))
+
+
 def model_variables(state: TrainState, use_ema: bool):
   return {'params': state.ema_params if use_ema else state.params, **state.model_state}
 

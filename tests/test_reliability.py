@@ -47,9 +47,7 @@ def _comparable(scalars):
 def _assert_same_run(workdir, reference):
   reference_dir, reference_state = reference
   config = tiny_config(workdir.parent)
-  model = train.create_model(config, 14)
-  abstract = jax.eval_shape(lambda rng: train.create_train_state(model, config, rng, load_pretrained=False)[0],
-                            jax.random.PRNGKey(0))
+  abstract = train.abstract_train_state(train.create_model(config, 14), config)
   # The whole train state, optimizer included (inference would read only the weights).
   state = train.restore_latest(evaluate.checkpoint_manager(str(workdir), config), abstract)
   assert int(state.step) == TOTAL_STEPS
@@ -208,9 +206,7 @@ def test_inference_reads_the_weights_of_a_checkpoint_whose_optimizer_layout_chan
   reads only the weights. Resuming training from it stays an error (its optimizer state cannot be restored)."""
   workdir, finished = uninterrupted_run
   config = tiny_config(tiny_download)
-  model = train.create_model(config, 14)
-  current = jax.eval_shape(lambda rng: train.create_train_state(model, config, rng, load_pretrained=False)[0],
-                           jax.random.PRNGKey(0))
+  current = train.abstract_train_state(train.create_model(config, 14), config)
   changed = current.replace(opt_state={'some_other_layout': current.step})
   manager, _ = train.checkpoint_managers(str(workdir), config)
   with pytest.raises(ValueError, match='could not be restored'):
