@@ -4,8 +4,9 @@ r"""Paper scale: all fully annotated LLD subsets, ResNet-50 at 640 px, for GPUs 
       --config.dataset.manual_dir=/path/to/LLD --config.model.pretrained=/path/to/resnet50.safetensors
 
 The download is the folder with the subset folders (see tfds_lld/lld). `model.pretrained` takes a torchvision
-ResNet-50 ImageNet checkpoint (.pth or .safetensors). Per-device batch 4 in bfloat16 fits an 80 GB GPU with
-room to spare; the measured memory and step time on an H200 are in docs/results.md. Not yet trained on real LLD
+ResNet-50 ImageNet checkpoint (.pth or .safetensors). Measured on one H200 (`scripts/gpu_benchmark.sh`, random
+batches): per-device batch 4 takes 3.9 GB of device memory at 61 ms per step (66 images/s), batch 16 takes 12.9 GB
+at 141 ms (113 images/s), so an 80 GB GPU holds a far larger batch than this default (docs/results.md). Not yet trained on real LLD
 (it cannot be downloaded on the development machines): no mAP is claimed for it.
 """
 
