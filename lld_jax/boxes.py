@@ -1,5 +1,6 @@
-"""Box formats, areas, IoU and generalized IoU, batched over leading axes (jnp)."""
+"""Box formats, areas, IoU and generalized IoU, batched over leading axes (jnp); a static-shape NMS."""
 
+import jax
 import jax.numpy as jnp
 
 _EPS = 1e-7
@@ -60,3 +61,22 @@ def pairwise_generalized_iou(a, b):
 def inverse_sigmoid(x, eps=1e-5):
   x = jnp.clip(x, eps, 1 - eps)
   return jnp.log(x / (1 - x))
+
+
+def nms_keep_mask(boxes_xyxy, scores, valid, iou_threshold):
+  """Greedy non-maximum suppression with static shapes (jit- and vmap-safe): a [N] bool mask.
+
+  Among the `valid` boxes [N, 4], best score first, a box is kept unless it overlaps an already kept box by
+  IoU > `iou_threshold` (as TensorFlow's non_max_suppression). Invalid boxes are never kept nor suppress others.
+  """
+  n = boxes_xyxy.shape[0]
+  order = jnp.argsort(-jnp.where(valid, scores, -jnp.inf))
+  overlaps = pairwise_iou(boxes_xyxy[order], boxes_xyxy[order]) > iou_threshold
+  valid_sorted = valid[order]
+
+  def visit(i, kept):
+    suppressed = (kept & overlaps[i]).any()  # only boxes before i can be kept yet
+    return kept.at[i].set(valid_sorted[i] & ~suppressed)
+
+  kept_sorted = jax.lax.fori_loop(0, n, visit, jnp.zeros([n], bool))
+  return jnp.zeros([n], bool).at[order].set(kept_sorted)

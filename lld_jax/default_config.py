@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pseudo_labels.warmup_steps = 1000
   c.pseudo_labels.attributes = False
   c.pseudo_labels.max_per_image = 16
+  c.pseudo_labels.duplicate_iou = 0.5  # of near-duplicate teacher boxes only the most confident is a label
 
   c.nonfinite = ml_collections.ConfigDict()
   c.nonfinite.policy = 'skip'  # 'skip' the update or 'stop' training

@@ -2,7 +2,9 @@
 
 The teacher (the EMA model) predicts on the whole image. A detection becomes an extra target when its score
 passes the threshold, its box centre lies outside the annotated region, it does not overlap a labelled cell, and
-the training step is past the warm-up. Extra targets carry a small loss weight; they are appended to the real
+the training step is past the warm-up. Of near-duplicate teacher boxes (class-agnostic IoU > `duplicate_iou`)
+only the most confident is kept: a DETR teacher early in training answers one cell with several queries, and two
+targets on one cell would teach the student to answer it twice. Extra targets carry a small loss weight; they are appended to the real
 targets in `max_pseudo` fixed slots, with weight 0 in the unused ones.
 """
 
@@ -14,7 +16,7 @@ from lld_jax import matching
 
 
 def select(teacher_logits, teacher_boxes, teacher_attribute_logits, targets, step, *, threshold, weight,
-           warmup_steps, max_pseudo, with_attributes=False, overlap_iou=0.1):
+           warmup_steps, max_pseudo, with_attributes=False, overlap_iou=0.1, duplicate_iou=0.5):
   """Targets with up to `max_pseudo` pseudo-labels appended per image.
 
   teacher_logits [B, Q, K], teacher_boxes [B, Q, 4] (normalized cxcywh), teacher_attribute_logits [B, Q, A, V];
@@ -26,10 +28,13 @@ def select(teacher_logits, teacher_boxes, teacher_attribute_logits, targets, ste
   scores = jax.nn.sigmoid(teacher_logits.astype(jnp.float32))
   best_score, best_label = scores.max(-1), scores.argmax(-1)
   outside = ~jax.vmap(matching.points_in_mask)(teacher_boxes[..., :2], targets['annotation_mask'])
-  overlap = box_ops.pairwise_iou(box_ops.cxcywh_to_xyxy(teacher_boxes), box_ops.cxcywh_to_xyxy(targets['boxes']))
+  teacher_xyxy = box_ops.cxcywh_to_xyxy(teacher_boxes)
+  overlap = box_ops.pairwise_iou(teacher_xyxy, box_ops.cxcywh_to_xyxy(targets['boxes']))
   over_labelled = ((overlap > overlap_iou) & (targets['weight'] > 0)[:, None, :]).any(-1)
   eligible = (best_score > threshold) & outside & ~over_labelled & (step >= warmup_steps)
-  ranked = jnp.where(eligible, best_score, -1.0)
+  distinct = jax.vmap(box_ops.nms_keep_mask, in_axes=(0, 0, 0, None))(teacher_xyxy, best_score, eligible,
+                                                                       duplicate_iou)
+  ranked = jnp.where(distinct, best_score, -1.0)
   top_score, top = jax.lax.top_k(ranked, max_pseudo)
   take = lambda values: jax.vmap(lambda v, i: v[i])(values, top)
   chosen = top_score > 0

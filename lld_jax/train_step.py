@@ -11,6 +11,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lld_jax import criterion
@@ -156,7 +157,7 @@ def train_step(state: TrainState, batch, *, model, tx, config):
     targets = pseudo_labels.select(
         teacher['pred_logits'][-1], teacher['pred_boxes'][-1], teacher['attribute_logits'], targets, state.step,
         threshold=pseudo.threshold, weight=pseudo.weight, warmup_steps=pseudo.warmup_steps,
-        max_pseudo=pseudo.max_per_image, with_attributes=pseudo.attributes)
+        max_pseudo=pseudo.max_per_image, with_attributes=pseudo.attributes, duplicate_iou=pseudo.duplicate_iou)
 
   def loss_fn(params):
     outputs = model.apply({'params': params, **state.model_state}, batch['image'], batch['image_mask'], targets,
@@ -207,3 +208,23 @@ def predict_step(variables, batch, *, model):
   if 'cell_class_logits' in outputs:
     found['cell_class_logits'] = outputs['cell_class_logits']
   return found
+
+
+def random_batch(config, num_devices, num_classes, seed=0):
+  """Host batch [devices, per_device_batch, ...] shaped like input_pipeline.train_dataset's."""
+  rng = np.random.default_rng(seed)
+  lead = (num_devices, config.per_device_batch_size)
+  size, t = config.image_size, config.max_objects
+  centre = rng.uniform(0.2, 0.8, lead + (t, 2))
+  wh = rng.uniform(0.02, 0.2, lead + (t, 2))
+  attributes = np.stack([rng.integers(0, v, lead + (t,)) for v in lld_format.NUM_ATTRIBUTE_VALUES], -1)
+  return {
+      'image': rng.standard_normal(lead + (size, size, 3), dtype=np.float32),
+      'image_mask': np.ones(lead + (size, size), np.float32),
+      'boxes': np.concatenate([centre, wh], -1).astype(np.float32),
+      'labels': rng.integers(0, num_classes, lead + (t,)).astype(np.int32),
+      'attributes': attributes.astype(np.int32),
+      'weight': np.ones(lead + (t,), np.float32),
+      'annotation_mask': np.ones(lead + (size // 8,) * 2, np.float32),
+      'num_truncated': np.zeros(lead, np.int32),
+  }

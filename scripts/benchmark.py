@@ -202,26 +202,6 @@ def profile_steps(p_step, replicated, batch, compiled_text, num_steps, out_path)
   return replicated
 
 
-def random_batch(config, num_devices, num_classes, seed=0):
-  """Host batch [devices, per_device_batch, ...] shaped like input_pipeline.train_dataset's."""
-  rng = np.random.default_rng(seed)
-  lead = (num_devices, config.per_device_batch_size)
-  size, t = config.image_size, config.max_objects
-  centre = rng.uniform(0.2, 0.8, lead + (t, 2))
-  wh = rng.uniform(0.02, 0.2, lead + (t, 2))
-  attributes = np.stack([rng.integers(0, v, lead + (t,)) for v in lld_format.NUM_ATTRIBUTE_VALUES], -1)
-  return {
-      'image': rng.standard_normal(lead + (size, size, 3), dtype=np.float32),
-      'image_mask': np.ones(lead + (size, size), np.float32),
-      'boxes': np.concatenate([centre, wh], -1).astype(np.float32),
-      'labels': rng.integers(0, num_classes, lead + (t,)).astype(np.int32),
-      'attributes': attributes.astype(np.int32),
-      'weight': np.ones(lead + (t,), np.float32),
-      'annotation_mask': np.ones(lead + (size // 8,) * 2, np.float32),
-      'num_truncated': np.zeros(lead, np.int32),
-  }
-
-
 def load_dataset(config):
   """(builder, None) when the config's dataset is built or buildable from its manual_dir, else (None, reason)."""
   if input_pipeline is None:
@@ -416,7 +396,7 @@ def main(argv):
     results['batches'] = 'dataset'
   else:
     num_classes = num_classes_for(config)
-    host_batch = random_batch(config, num_devices, num_classes)
+    host_batch = train.random_batch(config, num_devices, num_classes)
     results['pipeline_images_per_s'] = None
     results['pipeline_note'] = reason
     results['batches'] = 'random'
@@ -438,7 +418,7 @@ def main(argv):
     programs[f'predict_b{batch_size}'], arguments[f'predict_b{batch_size}'] = predict_program(
         model, host_variables, config, batch_size, primary[0])
   if scaling:
-    random_batches = random_batch(config, 2, num_classes)
+    random_batches = train.random_batch(config, 2, num_classes)
     random_batches = {k: v for k, v in random_batches.items() if k in keys}
     for n in (1, 2):
       if n == num_devices:  # the main program, run again on random batches

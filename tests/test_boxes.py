@@ -110,3 +110,21 @@ def test_inverse_sigmoid():
   x = jnp.array([0.1, 0.5, 0.9])
   np.testing.assert_allclose(1 / (1 + jnp.exp(-box_ops.inverse_sigmoid(x))), x, atol=1e-5)
   assert jnp.isfinite(box_ops.inverse_sigmoid(jnp.array([0.0, 1.0]))).all()
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_nms_keep_mask_matches_tensorflow(seed):
+  import tensorflow as tf
+  rng = np.random.default_rng(seed)
+  # Clusters of near-duplicate boxes, as a detector's queries give on one cell.
+  centres = _random_xyxy(rng, 8)
+  boxes = np.repeat(centres, 5, 0) + rng.normal(0, 0.02, (40, 4)).astype(np.float32)
+  boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])], -1)
+  scores = rng.uniform(0, 1, 40).astype(np.float32)
+  valid = rng.uniform(size=40) < 0.8
+  keep = np.asarray(_jit(box_ops.nms_keep_mask, static_argnums=3)(boxes, scores, valid, 0.5))
+  candidates = np.flatnonzero(valid)
+  expected = candidates[tf.image.non_max_suppression(boxes[candidates][:, [1, 0, 3, 2]], scores[candidates], 40,
+                                                     iou_threshold=0.5).numpy()]
+  np.testing.assert_array_equal(np.flatnonzero(keep), np.sort(expected))
+  assert 8 <= keep.sum() < valid.sum(), 'every cluster keeps at least one box and loses its duplicates'
