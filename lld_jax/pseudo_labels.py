@@ -4,8 +4,8 @@ The teacher (the EMA model) predicts on the whole image. A detection becomes an 
 passes the threshold, its box centre lies outside the annotated region, it does not overlap a labelled cell, and
 the training step is past the warm-up. Of near-duplicate teacher boxes (class-agnostic IoU > `duplicate_iou`)
 only the most confident is kept: a DETR teacher early in training answers one cell with several queries, and two
-targets on one cell would teach the student to answer it twice. Extra targets carry a small loss weight; they are appended to the real
-targets in `max_pseudo` fixed slots, with weight 0 in the unused ones.
+targets on one cell would teach the student to answer it twice. Extra targets carry a small loss weight; they are
+appended to the real targets in `max_pseudo` fixed slots, with weight 0 in the unused ones.
 """
 
 import jax
