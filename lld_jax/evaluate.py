@@ -111,7 +111,7 @@ def restore_for_inference(config, workdir, num_classes):
   from lld_jax import train
   model = train.create_model(config, num_classes)
   return model, train.restore_latest(checkpoint_manager(workdir, config), train.abstract_train_state(model, config),
-                                     fields=('params', 'ema_params', 'model_state'))
+                                     fields=train.WEIGHT_FIELDS)
 
 
 FLAGS = flags.FLAGS

@@ -80,6 +80,10 @@ def _set_aside(manager, where, error):
                   where, type(error).__name__, error, aside)
 
 
+# The TrainState fields inference needs: `restore_latest(..., fields=WEIGHT_FIELDS)`.
+WEIGHT_FIELDS = ('params', 'ema_params', 'model_state')
+
+
 def _restore_fields(path, abstract, fields):
   """`abstract` with only the named TrainState fields read from the checkpoint item at `path`."""
   wanted = {name: getattr(abstract, name) for name in fields}
