@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.input_stride = 1  # 2: the backbone reads the image at half resolution, the cell crops at full
   c.model.cell_crop_size = 0  # >0: attribute queries also read an SxS crop of each cell's input pixels
   c.model.cell_class_refinement = False  # one more query on those tokens corrects the last layer's classes
+  # The first denoising group's positives, which train the attribute head and the cell classifier, read their
+  # cells at the true boxes instead of at their refined boxes.
+  c.model.dn_cells_at_true_boxes = False
   c.model.dtype = 'float32'  # 'bfloat16' on accelerators
 
   c.loss = ml_collections.ConfigDict()
@@ -79,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 2e-4
   c.optimizer.backbone_lr_factor = 0.1
+  c.optimizer.cell_head_lr_factor = 1.0  # the cell-crop encoder and the attribute head (train_step.CELL_HEAD_MODULES)
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_steps = 500
   c.optimizer.grad_clip = 0.1

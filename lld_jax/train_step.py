@@ -59,6 +59,7 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       two_stage=m.two_stage, denoising_groups=m.denoising_groups, label_noise=m.label_noise,
       box_noise=m.box_noise, attribute_head=m.attribute_head, roi_size=m.roi_size, input_stride=m.input_stride,
       cell_crop_size=m.cell_crop_size, cell_class_refinement=m.cell_class_refinement,
+      dn_cells_at_true_boxes=m.dn_cells_at_true_boxes,
       dtype=jnp.dtype(m.dtype))
 
 
@@ -69,21 +70,34 @@ def learning_rate_schedule(config, base_rate):
       decay_steps=max(config.total_steps, o.warmup_steps + 1), end_value=base_rate * 0.01)
 
 
+# The per-cell heads: the CNN over each cell's pixels and the attribute head that reads it (attributes, class
+# refinement, the cell classifier). Trained from scratch on a few crops per image, they want a higher rate than
+# the set-prediction decoder tolerates (docs/results.md, session 7).
+CELL_HEAD_MODULES = ('cell_encoder', 'attribute_head')
+
+
+def _rate_group(top_module):
+  if top_module == 'backbone':
+    return 'backbone'
+  return 'cell_head' if top_module in CELL_HEAD_MODULES else 'head'
+
+
 def optimizer_groups(params) -> param_groups.ParamGroups:
-  """The parameters by optimizer hyperparameters: backbone or head (learning rate), decayed or not (biases and
-  normalization scales are not)."""
+  """The parameters by optimizer hyperparameters: backbone, cell head or head (learning rate), decayed or not
+  (biases and normalization scales are not)."""
   return param_groups.ParamGroups(
-      params, lambda path, leaf: ('backbone' if path[0] == 'backbone' else 'head') +
-      ('/decay' if leaf.ndim > 1 else '/no_decay'))
+      params, lambda path, leaf: _rate_group(path[0]) + ('/decay' if leaf.ndim > 1 else '/no_decay'))
 
 
 def create_optimizer(config, params):
-  """AdamW with warmup + cosine decay, a lower rate for the backbone, and global-norm gradient clipping, on the
-  flat group vectors of `optimizer_groups(params)` ({group name: vector}, see lld_jax.param_groups)."""
+  """AdamW with warmup + cosine decay, a lower rate for the backbone and a rate of their own for the cell heads,
+  and global-norm gradient clipping, on the flat group vectors of `optimizer_groups(params)` ({group name:
+  vector}, see lld_jax.param_groups)."""
   o = config.optimizer
   adamw = lambda rate, decay: optax.adamw(learning_rate_schedule(config, rate),
                                           weight_decay=o.weight_decay if decay else 0.0)
-  rates = {'backbone': o.learning_rate * o.backbone_lr_factor, 'head': o.learning_rate}
+  rates = {'backbone': o.learning_rate * o.backbone_lr_factor, 'cell_head': o.learning_rate * o.cell_head_lr_factor,
+           'head': o.learning_rate}
   names = optimizer_groups(params).members
   return optax.chain(
       optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),

@@ -241,6 +241,24 @@ def test_cell_crops_refine_only_the_last_layer_classes():
   np.testing.assert_array_equal(moved[0], np.arange(NUM_DN) < MAX_TARGETS)
 
 
+def test_denoising_cells_read_at_true_boxes_ignore_the_box_noise():
+  """The cell classifier sees only its crop: read at the true boxes, the denoising copies' class logits are the
+  same whatever the box noise; read at their refined (noised) boxes, they move with it."""
+  images, image_mask, targets = _inputs()
+  rngs = {'params': jax.random.PRNGKey(0), 'denoise': jax.random.PRNGKey(1)}
+  for at_true_boxes in (True, False):
+    model = CELL_MODEL.clone(dn_cells_at_true_boxes=at_true_boxes)
+    variables = jax.jit(functools.partial(model.init, train=True), compiler_options=FAST_COMPILE)(
+        rngs, images, image_mask, targets)
+    apply = jax.jit(lambda v, rng, model=model: model.apply(v, images, image_mask, targets, train=True,
+                                                           rngs={'denoise': rng}), compiler_options=FAST_COMPILE)
+    first, second = (apply(variables, jax.random.PRNGKey(seed)) for seed in (5, 6))
+    real = targets['weight'][0] > 0
+    assert not np.allclose(first['dn_boxes'][-1], second['dn_boxes'][-1], atol=1e-3)  # the noise differs
+    same = np.allclose(first['dn_cell_class_logits'][0, real], second['dn_cell_class_logits'][0, real], atol=1e-5)
+    assert same == at_true_boxes
+
+
 def test_cell_crops_need_the_query_attribute_head():
   images, image_mask, _ = _inputs()
   model = MODEL.clone(attribute_head='mlp', cell_crop_size=8)

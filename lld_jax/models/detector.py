@@ -372,6 +372,7 @@ class Detector(nn.Module):
   input_stride: int = 1
   cell_crop_size: int = 0
   cell_class_refinement: bool = False
+  dn_cells_at_true_boxes: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -454,10 +455,14 @@ class Detector(nn.Module):
 
     # Attributes are read for the matching queries and for the positive copies of the first denoising group
     # (one per target slot, laid out first): the other denoising copies would multiply the cost of the RoI
-    # attention without adding targets.
+    # attention without adding targets. With `dn_cells_at_true_boxes` those copies read their cells at the true
+    # boxes: early in training the refined boxes miss the cell, and the per-cell heads learned from crops of
+    # background for the first half of the demo's budget.
     num_attribute_dn = targets['labels'].shape[1] if num_denoising else 0
     attribute_queries = jnp.concatenate([queries[:, :num_attribute_dn], queries[:, num_denoising:]], axis=1)
-    attribute_boxes = jnp.concatenate([all_boxes[-1][:, :num_attribute_dn], all_boxes[-1][:, num_denoising:]], 1)
+    dn_attribute_boxes = (targets['boxes'] if num_denoising and self.dn_cells_at_true_boxes
+                          else all_boxes[-1][:, :num_attribute_dn])
+    attribute_boxes = jnp.concatenate([dn_attribute_boxes, all_boxes[-1][:, num_denoising:]], 1)
     attribute_boxes = jax.lax.stop_gradient(attribute_boxes)
     cell_tokens = None
     if self.cell_crop_size:
