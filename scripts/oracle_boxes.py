@@ -32,13 +32,12 @@ from lld_jax import metrics as metrics_lib
 from lld_jax.models import detector
 from tfds_lld import lld_format
 
-CROP_SIZE = 48
 MARGIN = 0.1
 
 
-def cell_crops(builder, split, source_size):
+def cell_crops(builder, split, source_size, crop_size):
   """Crops [N, S, S, 3] in [0, 1] of every annotated cell, with labels [N] and attributes [N, A]."""
-  crop = jax.jit(functools.partial(detector.crop_cells, crop_size=CROP_SIZE, margin=MARGIN))
+  crop = jax.jit(functools.partial(detector.crop_cells, crop_size=crop_size, margin=MARGIN))
   crops, labels, attributes = [], [], []
   for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
     image = example['image']
@@ -60,10 +59,12 @@ def cell_crops(builder, split, source_size):
 class CropClassifier(nn.Module):
   num_classes: int
   attribute_values: tuple[int, ...]
+  widths: tuple[int, ...] = (32, 64, 96, 128, 160)  # the first at stride 1, the others at stride 2
 
   @nn.compact
   def __call__(self, x):
-    for width, stride in ((32, 1), (64, 2), (96, 2), (128, 2), (160, 2)):
+    for i, width in enumerate(self.widths):
+      stride = 1 if i == 0 else 2
       x = nn.silu(nn.GroupNorm(8)(nn.Conv(width, (3, 3), (stride, stride))(x)))
     x = x.mean((1, 2))
     attributes = nn.Dense(len(self.attribute_values) * max(self.attribute_values))(x)
@@ -71,12 +72,26 @@ class CropClassifier(nn.Module):
                                                              max(self.attribute_values))
 
 
-def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, seed):
+def _stain_jitter(x, rng, kind):
+  """'channel': each colour channel scaled by 0.85-1.15. 'film': brightness, contrast and saturation as the
+  input pipeline's colour jitter at strength 1 (augment.colour)."""
+  n = len(x)
+  if kind == 'channel':
+    return x * rng.uniform(0.85, 1.15, (n, 1, 1, 3))
+  x = x + rng.uniform(-0.2, 0.2, (n, 1, 1, 1))
+  mean = x.mean((1, 2, 3), keepdims=True)
+  x = (x - mean) * rng.uniform(0.7, 1.3, (n, 1, 1, 1)) + mean
+  grey = x.mean(-1, keepdims=True)
+  return np.clip((x - grey) * rng.uniform(0.7, 1.3, (n, 1, 1, 1)) + grey, 0.0, 1.0)
+
+
+def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, seed, learning_rate=2e-3,
+                     widths=(32, 64, 96, 128, 160), stain_jitter='channel'):
   values = lld_format.NUM_ATTRIBUTE_VALUES
-  model = CropClassifier(num_classes, values)
+  model = CropClassifier(num_classes, values, tuple(widths))
   mean, std = crops.mean((0, 1, 2)), crops.std((0, 1, 2)) + 1e-6
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + crops.shape[1:]))
-  tx = optax.adamw(optax.cosine_decay_schedule(2e-3, steps), weight_decay=1e-4)
+  tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=1e-4)
   opt_state = tx.init(params)
   allowed = jnp.arange(max(values))[None, :] < jnp.asarray(values)[:, None]
 
@@ -101,7 +116,7 @@ def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, 
     x = crops[index]
     x = np.where((rng.random(batch_size) < 0.5)[:, None, None, None], x[:, :, ::-1], x)
     x = np.where((rng.random(batch_size) < 0.5)[:, None, None, None], x[:, ::-1], x)
-    x = x * rng.uniform(0.85, 1.15, (batch_size, 1, 1, 3))  # stains vary
+    x = _stain_jitter(x, rng, stain_jitter)  # stains vary
     params, opt_state, loss = step(params, opt_state, x, labels[index], attributes[index])
     if i % 100 == 0 or i == steps - 1:
       print(f'step {i}: loss {float(loss):.3f} ({time.time() - start:.0f} s)', flush=True)
@@ -113,8 +128,9 @@ def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, 
   return predict
 
 
-def oracle_predictions(truths, predict, builder, split, source_size):
-  crops, _, _ = cell_crops(builder, split, source_size)
+def oracle_predictions(truths, predict, builder, split, source_size, crop_size):
+  """Detections at every true box, and the classifier's top-1 accuracy on them."""
+  crops, labels, _ = cell_crops(builder, split, source_size, crop_size)
   probabilities, attributes = (np.asarray(x) for x in predict(crops))
   predictions, start = [], 0
   for truth in truths:
@@ -124,7 +140,7 @@ def oracle_predictions(truths, predict, builder, split, source_size):
         image_id=truth.image_id, boxes=np.repeat(truth.boxes, k, 0), scores=probabilities[start:start + n].ravel(),
         labels=np.tile(np.arange(k), n), attributes=np.repeat(attributes[start:start + n], k, 0)))
     start += n
-  return predictions
+  return predictions, float((probabilities.argmax(-1) == labels).mean())
 
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/synthetic_demo.py',
@@ -133,6 +149,10 @@ _STEPS = flags.DEFINE_integer('steps', 600, 'classifier training steps')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'crops per step')
 _SOURCE = flags.DEFINE_integer('source_size', 0, 'image size the crops come from (0: the config\'s image_size)')
 _SEED = flags.DEFINE_integer('seed', 0, 'seed')
+_LEARNING_RATE = flags.DEFINE_float('learning_rate', 2e-3, 'peak learning rate (cosine decay)')
+_CROP_SIZE = flags.DEFINE_integer('crop_size', 48, 'crop side in pixels')
+_WIDTHS = flags.DEFINE_list('widths', ['32', '64', '96', '128', '160'], 'CNN widths, one 3x3 conv each')
+_STAIN_JITTER = flags.DEFINE_enum('stain_jitter', 'channel', ['channel', 'film'], 'colour augmentation')
 _OUT = flags.DEFINE_string('out', '', 'write the summary JSON here')
 
 
@@ -143,19 +163,21 @@ def main(argv):
   d = config.dataset
   builder = input_pipeline.load_builder(d.name, d.config, d.data_dir or None, d.manual_dir or None)
   info = input_pipeline.dataset_info(builder)
-  crops, labels, attributes = cell_crops(builder, d.train_split, source_size)
+  crops, labels, attributes = cell_crops(builder, d.train_split, source_size, _CROP_SIZE.value)
   print(f'{len(crops)} training cells; per class {np.bincount(labels, minlength=info.num_classes).tolist()}',
         flush=True)
-  predict = train_classifier(crops, labels, attributes, info.num_classes, _STEPS.value, _BATCH.value, _SEED.value)
+  predict = train_classifier(crops, labels, attributes, info.num_classes, _STEPS.value, _BATCH.value, _SEED.value,
+                             _LEARNING_RATE.value, [int(w) for w in _WIDTHS.value], _STAIN_JITTER.value)
   truths = evaluate.ground_truth(builder, d.eval_split)
-  predictions = oracle_predictions(truths, predict, builder, d.eval_split, source_size)
+  predictions, accuracy = oracle_predictions(truths, predict, builder, d.eval_split, source_size, _CROP_SIZE.value)
   result = metrics_lib.evaluate(truths, predictions, info.class_names, lld_format.ATTRIBUTE_NAMES,
                                 max_dets=(1, 10, 100 * info.num_classes))
   keys = ['mAP50', 'mAP50_95', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper']
   keys += sorted(k for k in result if k.startswith('per_class/') and k.endswith('/AP50'))
   keys += sorted(k for k in result if k.startswith('attributes/strict/') and k.endswith('/f1'))
   summary = {'source_size': source_size, 'steps': _STEPS.value, 'batch_size': _BATCH.value,
-             **{k: result[k] for k in keys}}
+             'learning_rate': _LEARNING_RATE.value, 'crop_size': _CROP_SIZE.value, 'widths': _WIDTHS.value,
+             'stain_jitter': _STAIN_JITTER.value, 'class_accuracy': accuracy, **{k: result[k] for k in keys}}
   print(json.dumps(summary, indent=1))
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
