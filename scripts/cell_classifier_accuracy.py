@@ -16,7 +16,6 @@ import json
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 from ml_collections import config_flags
 import numpy as np
@@ -25,7 +24,6 @@ from lld_jax import boxes as box_ops
 from lld_jax import evaluate
 from lld_jax import input_pipeline
 from lld_jax import train
-from lld_jax.models import detector
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'the config the workdir was trained with',
                                           lock_config=True)
@@ -43,17 +41,19 @@ def main(argv):
   d = config.dataset
   builder = input_pipeline.load_builder(d.name, d.config, d.data_dir or None, d.manual_dir or None)
   num_classes = input_pipeline.dataset_info(builder).num_classes
+  if not config.model.denoising_groups:
+    raise ValueError('the true-box accuracy reads the denoising copies: the config has model.denoising_groups=0')
   model, state = evaluate.restore_for_inference(config, _WORKDIR.value, num_classes)
   variables = train.model_variables(state, use_ema=config.optimizer.ema_decay > 0 and not _RAW.value)
-  params = variables['params']
-  encoder = detector.CellCropEncoder(config.model.hidden_dim, config.model.cell_crop_size)
+  reading_true_boxes = model.clone(dn_cells_at_true_boxes=True)
 
   @jax.jit
-  def classify_at(images, boxes):  # the detector's own cell classifier, on crops at the given boxes
-    tokens = encoder.apply({'params': params['cell_encoder']}, images, boxes)
-    head = params['attribute_head']
-    pooled = nn.LayerNorm().apply({'params': head['cell_classifier_norm']}, tokens.mean(2))
-    return nn.Dense(num_classes).apply({'params': head['cell_classifier']}, pooled)
+  def classify_at_true_boxes(images, masks, targets):
+    # The model's own path: the first denoising group's positive copies read their cells at the true boxes, and
+    # their cell-classifier logits depend on nothing else (not on the denoising noise; tests/test_detector.py).
+    outputs = reading_true_boxes.apply(variables, images, masks, targets, train=True,
+                                       rngs={'denoise': jax.random.PRNGKey(0)})
+    return outputs['dn_cell_class_logits']
 
   predict = jax.jit(lambda images, masks: train.predict_step(
       variables, {'image': images, 'image_mask': masks}, model=model))
@@ -62,7 +62,8 @@ def main(argv):
     cells = at_true_box = answered = classifier_right = decoder_right = 0
     for batch in input_pipeline.eval_dataset(builder, split, config, 1).as_numpy_iterator():
       batch = {k: v[0] for k, v in batch.items()}  # one device
-      true_box_classes = np.asarray(classify_at(batch['image'], batch['boxes'])).argmax(-1)
+      targets = {k: batch[k] for k in ('labels', 'boxes', 'weight')}
+      true_box_classes = np.asarray(classify_at_true_boxes(batch['image'], batch['image_mask'], targets)).argmax(-1)
       outputs = jax.device_get(predict(batch['image'], batch['image_mask']))
       for i in np.flatnonzero(batch['example_valid']):
         real = batch['weight'][i] > 0

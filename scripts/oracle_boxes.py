@@ -59,7 +59,7 @@ def cell_crops(builder, split, source_size, crop_size):
 class CropClassifier(nn.Module):
   num_classes: int
   attribute_values: tuple[int, ...]
-  widths: tuple[int, ...] = (32, 64, 96, 128, 160)  # the first at stride 1, the others at stride 2
+  widths: tuple[int, ...]  # one 3x3 convolution each, the first at stride 1, the others at stride 2
 
   @nn.compact
   def __call__(self, x):
@@ -85,8 +85,8 @@ def _stain_jitter(x, rng, kind):
   return np.clip((x - grey) * rng.uniform(0.7, 1.3, (n, 1, 1, 1)) + grey, 0.0, 1.0)
 
 
-def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, seed, learning_rate=2e-3,
-                     widths=(32, 64, 96, 128, 160), stain_jitter='channel'):
+def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, seed, learning_rate, widths,
+                     stain_jitter):
   values = lld_format.NUM_ATTRIBUTE_VALUES
   model = CropClassifier(num_classes, values, tuple(widths))
   mean, std = crops.mean((0, 1, 2)), crops.std((0, 1, 2)) + 1e-6
