@@ -5,6 +5,9 @@
   dominates; level 0 compiles about 4x faster.
 - A persistent compilation cache shared by the tests of one run, so a step compiled once (for example by the
   uninterrupted and the resumed training runs) is not compiled again.
+- Under pytest-xdist (`scripts/test.sh` runs two workers), each test module runs whole in one worker, so its
+  module fixtures are built once. The modules that share the session's uninterrupted training run form one group,
+  scheduled first because it is the longest.
 """
 
 import os
@@ -15,8 +18,22 @@ os.environ.setdefault(
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402  (after the XLA flags)
+import pytest  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(), 'lld_jax_test_jit_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 from tiny_training import tiny_download, uninterrupted_run  # noqa: E402,F401  (session fixtures)
+
+SHARED_RUN_MODULES = ('test_reliability', 'test_train')
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+  def group(item):
+    module = item.module.__name__
+    return 'shared_uninterrupted_run' if module in SHARED_RUN_MODULES else module
+
+  for item in items:
+    item.add_marker(pytest.mark.xdist_group(group(item)))
+  items.sort(key=lambda item: group(item) != 'shared_uninterrupted_run')  # stable: the rest keep their order
