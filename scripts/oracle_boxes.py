@@ -74,8 +74,16 @@ class CropClassifier(nn.Module):
 
 def _stain_jitter(x, rng, kind):
   """'channel': each colour channel scaled by 0.85-1.15. 'film': brightness, contrast and saturation as the
-  input pipeline's colour jitter at strength 1 (augment.colour)."""
+  input pipeline's colour jitter at strength 1 (augment.colour). 'stain': the optical density scaled by
+  0.8-1.2 and each channel's by a further exp(N(0, 0.08)), as the input pipeline's augment.stain at strength 1.
+  'none': no colour augmentation."""
   n = len(x)
+  if kind == 'none':
+    return x
+  if kind == 'stain':
+    density = -np.log(np.clip(x, 1 / 255, 1.0))
+    scale = rng.uniform(0.8, 1.2, (n, 1, 1, 1)) * np.exp(rng.normal(0.0, 0.08, (n, 1, 1, 3)))
+    return np.exp(-density * scale)
   if kind == 'channel':
     return x * rng.uniform(0.85, 1.15, (n, 1, 1, 3))
   x = x + rng.uniform(-0.2, 0.2, (n, 1, 1, 1))
@@ -152,7 +160,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'seed')
 _LEARNING_RATE = flags.DEFINE_float('learning_rate', 2e-3, 'peak learning rate (cosine decay)')
 _CROP_SIZE = flags.DEFINE_integer('crop_size', 48, 'crop side in pixels')
 _WIDTHS = flags.DEFINE_list('widths', ['32', '64', '96', '128', '160'], 'CNN widths, one 3x3 conv each')
-_STAIN_JITTER = flags.DEFINE_enum('stain_jitter', 'channel', ['channel', 'film'], 'colour augmentation')
+_STAIN_JITTER = flags.DEFINE_enum('stain_jitter', 'channel', ['channel', 'film', 'stain', 'none'],
+                                   'colour augmentation')
 _OUT = flags.DEFINE_string('out', '', 'write the summary JSON here')
 
 

@@ -20,7 +20,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # noqa: E402  (after the XLA flags)
 import pytest  # noqa: E402
 
-jax.config.update('jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(), 'lld_jax_test_jit_cache'))
+# One cache per xdist worker: JAX writes cache entries without a lock, so two workers must not share one.
+jax.config.update('jax_compilation_cache_dir', os.path.join(
+    tempfile.gettempdir(), 'lld_jax_test_jit_cache_' + os.environ.get('PYTEST_XDIST_WORKER', 'main')))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 from tiny_training import tiny_download, uninterrupted_run  # noqa: E402,F401  (session fixtures)
