@@ -74,9 +74,9 @@ class CropClassifier(nn.Module):
 
 def _stain_jitter(x, rng, kind):
   """'channel': each colour channel scaled by 0.85-1.15. 'film': brightness, contrast and saturation as the
-  input pipeline's colour jitter at strength 1 (augment.colour). 'stain': the optical density scaled by
-  0.8-1.2 and each channel's by a further exp(N(0, 0.08)), as the input pipeline's augment.stain at strength 1.
-  'none': no colour augmentation."""
+  input pipeline's colour jitter at strength 1 (augment.colour). 'stain': the optical density (the amount
+  of stain; the white background keeps its colour) scaled by 0.8-1.2 and each channel's by a further
+  exp(N(0, 0.08)), the usual stain augmentation of histology. 'none': no colour augmentation."""
   n = len(x)
   if kind == 'none':
     return x
