@@ -3,8 +3,8 @@
 - Two simulated CPU devices, so the pmap paths run as on a multi-device host.
 - XLA's CPU backend at optimization level 0: the tests run tiny models for a few steps, where compile time
   dominates; level 0 compiles about 4x faster.
-- A persistent compilation cache shared by the tests of one run, so a step compiled once (for example by the
-  uninterrupted and the resumed training runs) is not compiled again.
+- A persistent compilation cache shared by the tests of one process (and the trainer processes they start), so
+  a step compiled once (for example by the uninterrupted and the resumed training runs) is not compiled again.
 - Under pytest-xdist (`scripts/test.sh` runs two workers), each test module runs whole in one worker, so its
   module fixtures are built once. The modules that share the session's uninterrupted training run form one group,
   scheduled first because it is the longest.
