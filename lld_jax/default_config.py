@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.pseudo_labels = ml_collections.ConfigDict()
   c.pseudo_labels.enabled = False
-  c.pseudo_labels.threshold = 0.95
+  c.pseudo_labels.threshold = 0.95  # on the teacher's detection score, by the rule of eval.class_scores
   c.pseudo_labels.weight = 0.1
   c.pseudo_labels.warmup_steps = 1000
   c.pseudo_labels.attributes = False

@@ -1,7 +1,13 @@
-"""Model outputs -> detections in original image pixels (numpy, on the host)."""
+"""Model outputs -> detections in original image pixels (numpy, on the host).
+
+`class_scores` also runs on JAX arrays inside a jitted step: the pseudo-label teacher ranks its detections by the
+same score as the evaluation and prediction.
+"""
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -18,13 +24,17 @@ class Detections:
   queries: np.ndarray  # [n] the query each detection comes from
 
 
+def _array_module(x):
+  return jnp if isinstance(x, jax.Array) else np  # a tracer inside jit is a jax.Array too
+
+
 def _sigmoid(x):
-  return 1.0 / (1.0 + np.exp(-x))
+  return 1.0 / (1.0 + _array_module(x).exp(-x))
 
 
 def _softmax(x):
   x = x - x.max(-1, keepdims=True)
-  e = np.exp(x)
+  e = _array_module(x).exp(x)
   return e / e.sum(-1, keepdims=True)
 
 
@@ -50,11 +60,15 @@ def class_scores(logits, cell_class_logits=None):
 
   The decoder's score also says whether the query is the one answer to a cell and how well its box fits; the
   classifier, trained on the cell's pixels alone, knows the class better. On the demo the mean beat both the
-  decoder alone and the decoder's best score times the classifier (docs/results.md)."""
-  scores = _sigmoid(logits.astype(np.float64))
+  decoder alone and the decoder's best score times the classifier (docs/results.md).
+
+  NumPy inputs are scored in float64, JAX arrays (also inside jit) in float32."""
+  xp = _array_module(logits)
+  dtype = np.float64 if xp is np else jnp.float32
+  scores = _sigmoid(logits.astype(dtype))
   if cell_class_logits is None:
     return scores
-  return np.sqrt(scores * _softmax(cell_class_logits.astype(np.float64)))
+  return xp.sqrt(scores * _softmax(cell_class_logits.astype(dtype)))
 
 
 CLASS_SCORE_RULES = ('detector', 'cell_classifier')

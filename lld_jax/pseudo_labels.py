@@ -1,6 +1,8 @@
 """Pseudo-labels from the unlabelled part of a sparsely annotated field of view (static shapes, jit-safe).
 
-The teacher (the EMA model) predicts on the whole image. A detection becomes an extra target when its score
+The teacher (the EMA model) predicts on the whole image. Its detections are scored as the evaluation and
+prediction score them (`eval.class_scores`: the decoder's sigmoids, or their geometric mean with the cell
+classifier), and a detection's class is its best-scoring one. A detection becomes an extra target when its score
 passes the threshold, its box centre lies outside the annotated region, it does not overlap a labelled cell, and
 the training step is past the warm-up. Of near-duplicate teacher boxes (class-agnostic IoU > `duplicate_iou`)
 only the most confident is kept: a DETR teacher early in training answers one cell with several queries, and two
@@ -15,17 +17,16 @@ from lld_jax import boxes as box_ops
 from lld_jax import matching
 
 
-def select(teacher_logits, teacher_boxes, teacher_attribute_logits, targets, step, *, threshold, weight,
+def select(teacher_scores, teacher_boxes, teacher_attribute_logits, targets, step, *, threshold, weight,
            warmup_steps, max_pseudo, with_attributes=False, overlap_iou=0.1, duplicate_iou=0.5):
   """Targets with up to `max_pseudo` pseudo-labels appended per image.
 
-  teacher_logits [B, Q, K], teacher_boxes [B, Q, 4] (normalized cxcywh), teacher_attribute_logits [B, Q, A, V];
+  teacher_scores [B, Q, K] in [0, 1] (`postprocess.class_scores`), teacher_boxes [B, Q, 4] (normalized cxcywh), teacher_attribute_logits [B, Q, A, V];
   targets: labels [B, T], boxes [B, T, 4], attributes [B, T, A], weight [B, T], annotation_mask [B, h, w].
   The result has T + max_pseudo slots and an `is_pseudo` [B, T + max_pseudo] flag.
   """
-  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  scores = jax.lax.stop_gradient(teacher_scores).astype(jnp.float32)
   teacher_boxes = jax.lax.stop_gradient(teacher_boxes)
-  scores = jax.nn.sigmoid(teacher_logits.astype(jnp.float32))
   best_score, best_label = scores.max(-1), scores.argmax(-1)
   outside = ~jax.vmap(matching.points_in_mask)(teacher_boxes[..., :2], targets['annotation_mask'])
   teacher_xyxy = box_ops.cxcywh_to_xyxy(teacher_boxes)

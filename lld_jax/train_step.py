@@ -16,6 +16,7 @@ import optax
 
 from lld_jax import criterion
 from lld_jax import param_groups
+from lld_jax import postprocess
 from lld_jax import pseudo_labels
 from lld_jax import sharding
 from lld_jax.models import detector as detector_lib
@@ -168,8 +169,10 @@ def train_step(state: TrainState, batch, *, model, tx, config):
   if pseudo.enabled:
     teacher = model.apply({'params': state.ema_params, **state.model_state}, batch['image'], batch['image_mask'],
                           train=False)
+    teacher_scores = postprocess.class_scores(
+        teacher['pred_logits'][-1], postprocess.cell_classifier_logits(teacher, config.eval.class_scores))
     targets = pseudo_labels.select(
-        teacher['pred_logits'][-1], teacher['pred_boxes'][-1], teacher['attribute_logits'], targets, state.step,
+        teacher_scores, teacher['pred_boxes'][-1], teacher['attribute_logits'], targets, state.step,
         threshold=pseudo.threshold, weight=pseudo.weight, warmup_steps=pseudo.warmup_steps,
         max_pseudo=pseudo.max_per_image, with_attributes=pseudo.attributes, duplicate_iou=pseudo.duplicate_iou)
 

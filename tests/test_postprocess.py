@@ -1,5 +1,7 @@
 """Detections from model outputs: per-class non-maximum suppression against a greedy numpy reference."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -73,6 +75,17 @@ def test_cell_classifier_scores_rank_classes_by_the_classifier():
   on_second_cell = np.isclose(found.boxes[:, 0], 60, atol=1e-3)
   assert found.labels[on_second_cell].tolist() == [1, 0]  # best first: the classifier's class wins
   np.testing.assert_allclose(found.scores[on_second_cell], scores[3, [1, 0]], rtol=1e-6)
+
+
+def test_class_scores_on_jax_arrays_inside_jit_match_numpy():
+  """The pseudo-label teacher scores its detections inside the train step with the evaluation's rule."""
+  rng = np.random.default_rng(0)
+  logits, cell_class_logits = rng.normal(0, 3, (2, 5, 4)), rng.normal(0, 3, (2, 5, 4))
+  for cell in (None, cell_class_logits):
+    jitted = jax.jit(postprocess.class_scores)(jnp.asarray(logits, jnp.float32),
+                                               None if cell is None else jnp.asarray(cell, jnp.float32))
+    assert jitted.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(jitted), postprocess.class_scores(logits, cell), rtol=1e-5, atol=1e-7)
 
 
 def test_cell_classifier_logits_rule():

@@ -42,7 +42,7 @@ def _select(step, seed=0, **overrides):
   logits, boxes, attributes, targets = _scene(seed)
   kwargs = dict(threshold=0.9, weight=0.1, warmup_steps=100, max_pseudo=8)
   kwargs.update(overrides)
-  out = jax.jit(lambda l, b, a, t, s: pseudo_labels.select(l, b, a, t, s, **kwargs))(
+  out = jax.jit(lambda l, b, a, t, s: pseudo_labels.select(jax.nn.sigmoid(l), b, a, t, s, **kwargs))(
       logits, boxes, attributes, targets, jnp.asarray(step))
   return jax.device_get(out), targets, logits, boxes
 
@@ -94,7 +94,7 @@ def test_one_pseudo_label_per_cell_among_duplicate_teacher_boxes():
 
   def select(duplicate_iou):
     out = jax.jit(lambda l, b, a, t: pseudo_labels.select(
-        l, b, a, t, jnp.asarray(1000), threshold=0.9, weight=0.1, warmup_steps=100, max_pseudo=8,
+        jax.nn.sigmoid(l), b, a, t, jnp.asarray(1000), threshold=0.9, weight=0.1, warmup_steps=100, max_pseudo=8,
         duplicate_iou=duplicate_iou))(logits, boxes, attributes, targets)
     num_real = targets['labels'].shape[1]
     chosen = np.asarray(out['is_pseudo'][0, num_real:])
