@@ -53,6 +53,8 @@ def main():
   parser.add_argument('--out', required=True)
   parser.add_argument('--txl_dir', default='../shared/data/txl_pbc')
   parser.add_argument('--pseudo_threshold', type=float, default=0.95, help='teacher score for a pseudo-label')
+  parser.add_argument('--settings', default=','.join(SETTINGS),
+                      help='comma-separated settings to run (default: all four)')
   parser.add_argument('--pseudo_warmup_fraction', type=float, default=1 / 3,
                       help='share of the budget trained before pseudo-labels start')
   args, overrides = parser.parse_known_args()
@@ -60,6 +62,10 @@ def main():
   if wrong:
     parser.error(f'unrecognized arguments (only --config.key=value overrides pass through): {wrong}')
   args.overrides = overrides
+  settings = [s for s in args.settings.split(',') if s]
+  unknown = sorted(set(settings) - set(SETTINGS))
+  if unknown:
+    parser.error(f'--settings: unknown {unknown}; expected some of {list(SETTINGS)}')
   py = sys.executable
   os.makedirs(args.out, exist_ok=True)
   if args.dataset == 'synthetic':
@@ -76,7 +82,8 @@ def main():
     split = 'val'
   rows = {}
   warmup_steps = int(args.steps * args.pseudo_warmup_fraction)
-  for name, overrides in SETTINGS.items():
+  for name in settings:
+    overrides = SETTINGS[name]
     kind = 'full' if name == 'a_full' else 'sparse'
     workdir = os.path.join(args.out, name)
     common = [f'--config={config}', f'--workdir={workdir}', f'--config.total_steps={args.steps}',
