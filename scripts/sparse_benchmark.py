@@ -74,7 +74,7 @@ def main():
     for layout, path in (('yolo', downloads['full']), ('sparse', downloads['sparse'])):
       if not os.path.isdir(path):
         _run([py, '-m', 'tfds_lld.synthetic', '--out', path, '--layout', layout, '--subsets', 'H_100x_C1',
-              '--patients', '20', '--images-per-patient', '10', '--seed', '0'])
+              '--patients', '20', '--images-per-patient', '10', '--seed', '0', '--workers', str(os.cpu_count())])
     split = 'test'
   else:
     config = 'configs/txl_pbc.py'

@@ -173,24 +173,37 @@ def test_images_are_640_rgb(coco_dir):
       assert im.size == (640, 640) and im.mode == 'RGB' and im.format == 'PNG'
 
 
+def _files(root):
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for n in names:
+      with open(os.path.join(dirpath, n), 'rb') as fh:
+        out[os.path.relpath(os.path.join(dirpath, n), root)] = fh.read()
+  return out
+
+
 def test_determinism(tmp_path):
   kw = dict(subsets=['L_100x_C2'], patients=2, images_per_patient=1)
   a = synthetic.generate(str(tmp_path / 'a'), 'coco', seed=1, **kw)
   b = synthetic.generate(str(tmp_path / 'b'), 'coco', seed=1, **kw)
   c = synthetic.generate(str(tmp_path / 'c'), 'coco', seed=2, **kw)
   assert a['subsets'] == b['subsets']
-
-  def files(root):
-    out = {}
-    for dirpath, _, names in os.walk(root):
-      for n in names:
-        with open(os.path.join(dirpath, n), 'rb') as fh:
-          out[os.path.relpath(os.path.join(dirpath, n), root)] = fh.read()
-    return out
-
-  fa, fb, fc = files(tmp_path / 'a'), files(tmp_path / 'b'), files(tmp_path / 'c')
+  fa, fb, fc = _files(tmp_path / 'a'), _files(tmp_path / 'b'), _files(tmp_path / 'c')
   assert fa == fb
   assert fa != fc
+
+
+@pytest.mark.parametrize('layout', ['coco', 'sparse'])
+def test_worker_processes_write_the_same_files(tmp_path, layout):
+  kw = dict(subsets=['H_100x_C1', 'L_10x_C2'], patients=3, images_per_patient=2, seed=5)
+  one = synthetic.generate(str(tmp_path / 'one'), layout, workers=1, **kw)
+  three = synthetic.generate(str(tmp_path / 'three'), layout, workers=3, **kw)
+  assert one['subsets'] == three['subsets']
+  files = _files(tmp_path / 'one')
+  assert len(files) == 2 * (3 * 2 + (2 if layout == 'coco' else 3 * 2))  # images and labels of both subsets
+  assert files == _files(tmp_path / 'three')
+  with pytest.raises(ValueError, match='workers'):
+    synthetic.generate(str(tmp_path / 'none'), layout, workers=0, **kw)
 
 
 def test_render_field_cells():

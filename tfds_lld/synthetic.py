@@ -15,12 +15,15 @@ colour, vacuoles).
 
 Usage::
 
-  python -m tfds_lld.synthetic --out /tmp/lld_fake --layout coco --subsets H_100x_C1,L_40x_C2
+  python -m tfds_lld.synthetic --out /tmp/lld_fake --layout coco --subsets H_100x_C1,L_40x_C2 [--workers 2]
+
+Every field is seeded on its own, so `--workers` (processes drawing fields in parallel) does not change a byte.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import io
 import json
 import math
@@ -700,6 +703,14 @@ def _yolo_row(cell, region=None):
   return ' '.join(parts)
 
 
+def _draw_field(task) -> list[dict]:
+  """Renders one field, writes its PNG and returns its cells (a worker process's unit of work)."""
+  seed, subset, patient, image, leukemia_type, path = task
+  pixels, cells = render_field(seed, subset, patient, image, leukemia_type)
+  _save_png(pixels, path)
+  return cells
+
+
 def _coco_categories():
   return [{'id': i + 1, 'name': name, 'supercategory': 'cell'} for i, name in enumerate(F.CLASS_NAMES)]
 
@@ -710,14 +721,17 @@ def generate(out_dir: str,
              patients: int = 6,
              images_per_patient: int = 4,
              seed: int = 0,
-             test_fraction: float = 0.25) -> dict:
+             test_fraction: float = 0.25,
+             workers: int = 1) -> dict:
   """Writes a synthetic LLD download under `out_dir` and returns a summary dict.
 
   Summary: {'layout', 'out_dir', 'seed', 'patients': {'train': [...], 'test': [...]}, 'leukemia_types':
   {patient: type}, 'subsets': {subset: {split: {'images': n, 'cells': n, 'labelled_cells': n}}}}.
   `cells` counts every white cell drawn; `labelled_cells` those written to the labels (differs only for the
-  sparse train split).
+  sparse train split). `workers` > 1 draws the fields in that many processes (the same files).
   """
+  if workers < 1:
+    raise ValueError(f'workers must be at least 1, got {workers}')
   if layout not in LAYOUTS:
     raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
   if isinstance(subsets, str):
@@ -731,65 +745,75 @@ def generate(out_dir: str,
   split = split_patients(seed, patients, test_fraction)
   types = {p: _leukemia_type(seed, p) for p in range(1, patients + 1)}
   summary = dict(layout=layout, out_dir=str(out_dir), seed=seed, patients=split, leukemia_types=types, subsets={})
-
-  for subset in canon:
-    domain = F.parse_subset_name(subset)
-    mag_code = F.MAGNIFICATION_FILE_CODE[domain.magnification]
-    root = os.path.join(out_dir, subset)
-    sub_summary = {}
-    for split_name in SPLITS:
-      if layout == 'coco':
-        img_dir = os.path.join(root, 'Images', split_name)
-        os.makedirs(os.path.join(root, 'json_labels'), exist_ok=True)
-      else:
-        img_dir = os.path.join(root, 'images', split_name)
-        lbl_dir = os.path.join(root, 'labels', split_name)
-        os.makedirs(lbl_dir, exist_ok=True)
-      os.makedirs(img_dir, exist_ok=True)
-      coco = dict(info={'description': 'synthetic LLD (tfds_lld.synthetic)', 'version': '1.0'}, images=[],
-                  annotations=[], categories=_coco_categories())
-      n_images = n_cells = n_labelled = 0
-      for patient in split[split_name]:
-        for image in range(1, images_per_patient + 1):
-          stem = f'{patient}_{image}_{mag_code}_{types[patient]}'
-          pixels, cells = render_field(seed, subset, patient, image, types[patient])
-          _save_png(pixels, os.path.join(img_dir, stem + '.png'))
-          n_images += 1
-          n_cells += len(cells)
-          if layout == 'coco':
-            image_id = len(coco['images']) + 1
-            coco['images'].append(dict(id=image_id, file_name=stem + '.png', width=SIZE, height=SIZE))
-            for cell in cells:
-              x0, y0, x1, y1 = cell['box']
-              w, h = x1 - x0, y1 - y0
-              ann = dict(id=len(coco['annotations']) + 1, image_id=image_id, category_id=cell['cls'] + 1,
-                         bbox=[round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)], area=round(w * h, 2),
-                         iscrowd=0)
-              for name, value in zip(F.ATTRIBUTE_NAMES, cell['attrs']):
-                key = F.COCO_ATTRIBUTE_KEYS[name][0]
-                ann[key] = F.COCO_NOT_APPLICABLE if value == F.NOT_APPLICABLE else int(value)
-              coco['annotations'].append(ann)
-            n_labelled += len(cells)
-          else:
-            region = None
-            rows_cells = cells
-            if layout == 'sparse':
-              if split_name == 'train':
-                region = sparse_region(np.random.default_rng([seed, 17, F.SUBSETS.index(subset), patient, image]))
-                rows_cells = [c for c in cells if region[0] <= (c['box'][0] + c['box'][2]) / 2 < region[2]
-                              and region[1] <= (c['box'][1] + c['box'][3]) / 2 < region[3]]
-              else:
-                region = (0, 0, SIZE, SIZE)
-            rows = [_yolo_row(c, region) for c in rows_cells]
-            n_labelled += len(rows)
-            with open(os.path.join(lbl_dir, stem + '.txt'), 'w') as f:
-              f.write(''.join(row + '\n' for row in rows))
-      if layout == 'coco':
-        with open(os.path.join(root, 'json_labels', split_name + '.json'), 'w') as f:
-          json.dump(coco, f)
-      sub_summary[split_name] = dict(images=n_images, cells=n_cells, labelled_cells=n_labelled)
-    summary['subsets'][subset] = sub_summary
+  pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else None
+  try:
+    for subset in canon:
+      summary['subsets'][subset] = _write_subset(out_dir, layout, subset, split, types, images_per_patient, seed,
+                                                 pool)
+  finally:
+    if pool is not None:
+      pool.shutdown()
   return summary
+
+
+def _write_subset(out_dir, layout, subset, split, types, images_per_patient, seed, pool) -> dict:
+  """Writes one subset's images and labels; returns its {split: counts}."""
+  mag_code = F.MAGNIFICATION_FILE_CODE[F.parse_subset_name(subset).magnification]
+  root = os.path.join(out_dir, subset)
+  sub_summary = {}
+  for split_name in SPLITS:
+    if layout == 'coco':
+      img_dir = os.path.join(root, 'Images', split_name)
+      os.makedirs(os.path.join(root, 'json_labels'), exist_ok=True)
+    else:
+      img_dir = os.path.join(root, 'images', split_name)
+      lbl_dir = os.path.join(root, 'labels', split_name)
+      os.makedirs(lbl_dir, exist_ok=True)
+    os.makedirs(img_dir, exist_ok=True)
+    fields = [(patient, image, f'{patient}_{image}_{mag_code}_{types[patient]}')
+              for patient in split[split_name] for image in range(1, images_per_patient + 1)]
+    tasks = [(seed, subset, patient, image, types[patient], os.path.join(img_dir, stem + '.png'))
+             for patient, image, stem in fields]
+    drawn = pool.map(_draw_field, tasks, chunksize=4) if pool is not None else map(_draw_field, tasks)
+    coco = dict(info={'description': 'synthetic LLD (tfds_lld.synthetic)', 'version': '1.0'}, images=[],
+                annotations=[], categories=_coco_categories())
+    n_images = n_cells = n_labelled = 0
+    for (patient, image, stem), cells in zip(fields, drawn):
+      n_images += 1
+      n_cells += len(cells)
+      if layout == 'coco':
+        image_id = len(coco['images']) + 1
+        coco['images'].append(dict(id=image_id, file_name=stem + '.png', width=SIZE, height=SIZE))
+        for cell in cells:
+          x0, y0, x1, y1 = cell['box']
+          w, h = x1 - x0, y1 - y0
+          ann = dict(id=len(coco['annotations']) + 1, image_id=image_id, category_id=cell['cls'] + 1,
+                     bbox=[round(x0, 2), round(y0, 2), round(w, 2), round(h, 2)], area=round(w * h, 2),
+                     iscrowd=0)
+          for name, value in zip(F.ATTRIBUTE_NAMES, cell['attrs']):
+            key = F.COCO_ATTRIBUTE_KEYS[name][0]
+            ann[key] = F.COCO_NOT_APPLICABLE if value == F.NOT_APPLICABLE else int(value)
+          coco['annotations'].append(ann)
+        n_labelled += len(cells)
+      else:
+        region = None
+        rows_cells = cells
+        if layout == 'sparse':
+          if split_name == 'train':
+            region = sparse_region(np.random.default_rng([seed, 17, F.SUBSETS.index(subset), patient, image]))
+            rows_cells = [c for c in cells if region[0] <= (c['box'][0] + c['box'][2]) / 2 < region[2]
+                          and region[1] <= (c['box'][1] + c['box'][3]) / 2 < region[3]]
+          else:
+            region = (0, 0, SIZE, SIZE)
+        rows = [_yolo_row(c, region) for c in rows_cells]
+        n_labelled += len(rows)
+        with open(os.path.join(lbl_dir, stem + '.txt'), 'w') as f:
+          f.write(''.join(row + '\n' for row in rows))
+    if layout == 'coco':
+      with open(os.path.join(root, 'json_labels', split_name + '.json'), 'w') as f:
+        json.dump(coco, f)
+    sub_summary[split_name] = dict(images=n_images, cells=n_cells, labelled_cells=n_labelled)
+  return sub_summary
 
 
 def main(argv=None):
@@ -801,9 +825,11 @@ def main(argv=None):
   parser.add_argument('--images-per-patient', type=int, default=4)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--test-fraction', type=float, default=0.25)
+  parser.add_argument('--workers', type=int, default=1, help='processes drawing fields in parallel (same files)')
   args = parser.parse_args(argv)
   summary = generate(args.out, args.layout, subsets=args.subsets.split(','), patients=args.patients,
-                     images_per_patient=args.images_per_patient, seed=args.seed, test_fraction=args.test_fraction)
+                     images_per_patient=args.images_per_patient, seed=args.seed, test_fraction=args.test_fraction,
+                     workers=args.workers)
   print(json.dumps(summary['subsets'], indent=1))
   print('patients:', json.dumps(summary['patients']))
 
