@@ -1,17 +1,16 @@
 r"""The demo: a small detector on the synthetic LLD download, on a CPU in minutes.
 
   python -m tfds_lld.synthetic --out demo_run/download --layout coco --subsets H_100x_C1,L_100x_C2 \
-      --patients 20 --images-per-patient 12 --seed 0
+      --patients 20 --images-per-patient 12 --seed 0 --workers 2
   python -m lld_jax.train --config=configs/synthetic_demo.py --workdir=demo_run/train \
       --config.dataset.manual_dir=demo_run/download --config.dataset.data_dir=demo_run/tfds
 
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
-Expected on 2 CPU cores: 0.85 steps/s after about 1.3 minutes of start-up (mostly compilation), 8.2 minutes of
+Expected on 2 CPU cores: 0.75-0.85 steps/s after about 1.3 minutes of start-up (mostly compilation), 8-9.5 minutes of
 training; test mAP50 0.47, mAP50:95 0.31 and strict attribute F1 0.545. `bash scripts/demo.sh` from a fresh clone
-(commit e2f69e5) reached exactly those (0.472, 0.311, 0.545) in 14.4 minutes at 0.78 steps/s; other fresh clones
-took 15.9 minutes (0.72 steps/s, 5a8f295), 15.6 minutes (c3e58a5) and, with the two subsets generated in
-parallel, 14.9 minutes (b3fb18a): the wall time moves with the machine's hour and sits on the issue's 15-minute
-line (docs/results.md). The issue's quality
+of de0d91c (set-up with uv, generation on both cores) reached exactly those (0.472, 0.311, 0.545) in 13.5 minutes,
+in a slow hour of the machine (0.75-0.77 steps/s); with pip's set-up, fresh clones took 14.4-15.9 minutes
+(docs/results.md). The issue's quality
 targets (mAP50 0.90, F1 0.85) are out of reach: even a crop classifier given the true boxes reaches only
 0.84 / 0.76 on this data in a comparable budget (`scripts/oracle_boxes.py`).
 """
