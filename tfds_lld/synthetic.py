@@ -27,6 +27,7 @@ import concurrent.futures
 import io
 import json
 import math
+import multiprocessing
 import os
 from collections.abc import Sequence
 
@@ -745,7 +746,9 @@ def generate(out_dir: str,
   split = split_patients(seed, patients, test_fraction)
   types = {p: _leukemia_type(seed, p) for p in range(1, patients + 1)}
   summary = dict(layout=layout, out_dir=str(out_dir), seed=seed, patients=split, leukemia_types=types, subsets={})
-  pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else None
+  # Spawned, not forked: a caller may have started threads (JAX does), and a forked child can deadlock on their locks.
+  pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))
+          if workers > 1 else None)
   try:
     for subset in canon:
       summary['subsets'][subset] = _write_subset(out_dir, layout, subset, split, types, images_per_patient, seed,
