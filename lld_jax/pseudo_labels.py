@@ -21,7 +21,8 @@ def select(teacher_scores, teacher_boxes, teacher_attribute_logits, targets, ste
            warmup_steps, max_pseudo, with_attributes=False, overlap_iou=0.1, duplicate_iou=0.5):
   """Targets with up to `max_pseudo` pseudo-labels appended per image.
 
-  teacher_scores [B, Q, K] in [0, 1] (`postprocess.class_scores`), teacher_boxes [B, Q, 4] (normalized cxcywh), teacher_attribute_logits [B, Q, A, V];
+  teacher_scores [B, Q, K] in [0, 1] (`postprocess.class_scores`), teacher_boxes [B, Q, 4] (normalized cxcywh),
+  teacher_attribute_logits [B, Q, A, V];
   targets: labels [B, T], boxes [B, T, 4], attributes [B, T, A], weight [B, T], annotation_mask [B, h, w].
   The result has T + max_pseudo slots and an `is_pseudo` [B, T + max_pseudo] flag.
   """
