@@ -17,6 +17,16 @@ from lld_jax import boxes as box_ops
 from lld_jax import matching
 
 
+def allowed_places(teacher_boxes, targets, overlap_iou=0.1):
+  """[B, Q]: whether each teacher box lies where a pseudo-label may go, whatever its score: its centre outside the
+  annotated region, and no IoU above `overlap_iou` with a labelled cell. teacher_boxes [B, Q, 4] normalized
+  cxcywh; targets: boxes [B, T, 4], weight [B, T], annotation_mask [B, h, w]."""
+  outside = ~jax.vmap(matching.points_in_mask)(teacher_boxes[..., :2], targets['annotation_mask'])
+  overlap = box_ops.pairwise_iou(box_ops.cxcywh_to_xyxy(teacher_boxes), box_ops.cxcywh_to_xyxy(targets['boxes']))
+  over_labelled = ((overlap > overlap_iou) & (targets['weight'] > 0)[:, None, :]).any(-1)
+  return outside & ~over_labelled
+
+
 def select(teacher_scores, teacher_boxes, teacher_attribute_logits, targets, step, *, threshold, weight,
            warmup_steps, max_pseudo, with_attributes=False, overlap_iou=0.1, duplicate_iou=0.5):
   """Targets with up to `max_pseudo` pseudo-labels appended per image.
@@ -29,11 +39,9 @@ def select(teacher_scores, teacher_boxes, teacher_attribute_logits, targets, ste
   scores = jax.lax.stop_gradient(teacher_scores).astype(jnp.float32)
   teacher_boxes = jax.lax.stop_gradient(teacher_boxes)
   best_score, best_label = scores.max(-1), scores.argmax(-1)
-  outside = ~jax.vmap(matching.points_in_mask)(teacher_boxes[..., :2], targets['annotation_mask'])
+  eligible = ((best_score > threshold) & allowed_places(teacher_boxes, targets, overlap_iou)
+              & (step >= warmup_steps))
   teacher_xyxy = box_ops.cxcywh_to_xyxy(teacher_boxes)
-  overlap = box_ops.pairwise_iou(teacher_xyxy, box_ops.cxcywh_to_xyxy(targets['boxes']))
-  over_labelled = ((overlap > overlap_iou) & (targets['weight'] > 0)[:, None, :]).any(-1)
-  eligible = (best_score > threshold) & outside & ~over_labelled & (step >= warmup_steps)
   distinct = jax.vmap(box_ops.nms_keep_mask, in_axes=(0, 0, 0, None))(teacher_xyxy, best_score, eligible,
                                                                        duplicate_iou)
   ranked = jnp.where(distinct, best_score, -1.0)

@@ -23,8 +23,8 @@ import numpy as np
 from lld_jax import boxes as box_ops
 from lld_jax import evaluate
 from lld_jax import input_pipeline
-from lld_jax import matching
 from lld_jax import postprocess
+from lld_jax import pseudo_labels
 from lld_jax import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run trained with dataset.config=sparse')
@@ -33,10 +33,10 @@ _THRESHOLDS = flags.DEFINE_list('thresholds', ['0.3', '0.4', '0.45', '0.5', '0.6
 _OUT = flags.DEFINE_string('out', '', 'write the table as JSON here')
 
 
-def _candidates(outputs, sparse, full, i, rules):
-  """The queries of example i that could become pseudo-labels (each: its score and class under each rule, and
-  the unlabelled true cell its box hits, an index into the full labels or -1), and the number of unlabelled
-  cells."""
+def _candidates(outputs, allowed, sparse, full, i, rules):
+  """The queries of example i that could become pseudo-labels (`allowed` [B, Q] from
+  `pseudo_labels.allowed_places`; each: its score and class under each rule, and the unlabelled true cell its
+  box hits, an index into the full labels or -1), and the number of unlabelled cells."""
   labelled = sparse['weight'][i] > 0
   real = full['weight'][i] > 0
   labelled_xyxy = np.asarray(box_ops.cxcywh_to_xyxy(sparse['boxes'][i][labelled]))
@@ -48,11 +48,7 @@ def _candidates(outputs, sparse, full, i, rules):
       raise ValueError(f'example {int(sparse["index"][i])}: the sparse labels are not a subset of the full '
                        'ones: are the two downloads of the same seed?')
     unlabelled = ~same
-  query_boxes = outputs['boxes'][i]
-  query_xyxy = np.asarray(box_ops.cxcywh_to_xyxy(query_boxes))
-  eligible = ~np.asarray(matching.points_in_mask(query_boxes[:, :2], sparse['annotation_mask'][i]))
-  if len(labelled_xyxy):
-    eligible &= ~(np.asarray(box_ops.pairwise_iou(query_xyxy, labelled_xyxy)) > 0.1).any(-1)
+  query_xyxy = np.asarray(box_ops.cxcywh_to_xyxy(outputs['boxes'][i]))
   iou = np.asarray(box_ops.pairwise_iou(query_xyxy, true_xyxy)) if len(true_xyxy) else np.zeros((len(query_xyxy), 0))
   nearest = iou.argmax(-1) if iou.shape[1] else np.full(len(query_xyxy), -1)
   hit = (nearest >= 0) & (iou.max(-1, initial=0.0) >= 0.5)
@@ -63,7 +59,7 @@ def _candidates(outputs, sparse, full, i, rules):
            'label': {r: int(s[q].argmax()) for r, s in scores.items()},
            'cell': int(nearest[q]) if hit[q] else -1,
            'truth': int(true_labels[nearest[q]]) if hit[q] else -1}
-          for q in np.flatnonzero(eligible)], int(unlabelled.sum())
+          for q in np.flatnonzero(allowed[i])], int(unlabelled.sum())
 
 
 def main(argv):
@@ -87,8 +83,10 @@ def main(argv):
     outputs = jax.device_get(predict(sparse_batch['image'], sparse_batch['image_mask']))
     rules = {'detector': None,
              config.eval.class_scores: postprocess.cell_classifier_logits(outputs, config.eval.class_scores)}
+    # Where the training step's selection would allow a pseudo-label (its default overlap rule).
+    allowed = np.asarray(pseudo_labels.allowed_places(outputs['boxes'], sparse_batch))
     for i in np.flatnonzero(sparse_batch['example_valid']):
-      found, unlabelled = _candidates(outputs, sparse_batch, full_batch, i,
+      found, unlabelled = _candidates(outputs, allowed, sparse_batch, full_batch, i,
                                       {r: None if c is None else c[i] for r, c in rules.items()})
       candidates += [(int(sparse_batch['index'][i]), c) for c in found]
       num_unlabelled += unlabelled
