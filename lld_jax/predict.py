@@ -10,6 +10,7 @@ right) and the boxes are mapped back to the original pixels. Writes
   OUT/detections.json  COCO results, one per cell (its most likely class): image_id, file_name, category_id
                        (class index + 1), category_name, bbox [x, y, w, h] in original pixels, score (of the
                        class), cell_score (that a cell is there), attributes {name: value}, attribute_scores
+                       (left out for a model trained without attributes, `loss.attribute_weight` 0)
   OUT/images.json      {image_id: {file_name, width, height}}
   OUT/skipped.json     [{file, reason}] for unreadable or non-image files (also one stderr line each)
   OUT/overlays/<stem>.png  the image (upscaled to >= 1024 px) with numbered boxes, and a legend panel listing
@@ -166,20 +167,29 @@ def short_attributes(attributes: dict) -> str:
 
 
 def detection_records(found: postprocess.Detections, image_id: int, file_name: str,
-                      class_names: Sequence[str]) -> list[dict]:
-  """COCO-results entries for one image's detections (boxes already in original pixels)."""
+                      class_names: Sequence[str], with_attributes: bool = True) -> list[dict]:
+  """COCO-results entries for one image's detections (boxes already in original pixels). Without
+  `with_attributes` (a model whose attribute head was never trained) the entries carry no attributes."""
   records = []
   for i in range(len(found.scores)):
     x0, y0, x1, y1 = (float(v) for v in found.boxes[i])
     label = int(found.labels[i])
-    values, scores = attribute_dicts(found.attributes[i], found.attribute_confidence[i])
-    records.append({
+    record = {
         'image_id': int(image_id), 'file_name': file_name, 'category_id': label + 1,
         'category_name': class_names[label] if label < len(class_names) else f'class_{label}',
         'bbox': [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-        'score': round(float(found.scores[i]), 5), 'cell_score': round(float(found.cell_scores[i]), 5),
-        'attributes': values, 'attribute_scores': scores})
+        'score': round(float(found.scores[i]), 5), 'cell_score': round(float(found.cell_scores[i]), 5)}
+    if with_attributes:
+      record['attributes'], record['attribute_scores'] = attribute_dicts(found.attributes[i],
+                                                                         found.attribute_confidence[i])
+    records.append(record)
   return records
+
+
+def trained_attributes(config) -> bool:
+  """Whether the model learnt attributes: a config with `loss.attribute_weight` 0 (TXL-PBC has none) leaves the
+  attribute head at its random initialization, whose outputs mean nothing."""
+  return float(config.get('loss', {}).get('attribute_weight', 1.0)) > 0
 
 
 # ------------------------------------------------------------------------------------------------------ overlay
@@ -212,7 +222,8 @@ def draw_overlay(image: np.ndarray, detections: Sequence[dict], class_names: Seq
   detection in its class colour, and a legend panel on the right listing '#n Class score | attribute words'.
 
   `detections` are COCO-results entries in original pixels (as in detections.json): bbox [x, y, w, h],
-  category_id (class index + 1), score and attributes {name: value}. Numbers follow the list order.
+  category_id (class index + 1), score and optionally attributes {name: value}. Numbers follow the list order.
+  Entries without attributes are listed as '#n Class score', and without any the attribute key is left out.
   """
   image = np.asarray(image)
   height, width = image.shape[:2]
@@ -238,14 +249,16 @@ def draw_overlay(image: np.ndarray, detections: Sequence[dict], class_names: Seq
   for n, det in enumerate(detections, 1):
     label = int(det['category_id']) - 1
     name = det.get('category_name') or (class_names[label] if 0 <= label < len(class_names) else f'class_{label}')
-    lines.append((n, label, f'{name} {det["score"]:.2f}', short_attributes(det.get('attributes', {}))))
+    attributes = det.get('attributes')
+    lines.append((n, label, f'{name} {det["score"]:.2f}', short_attributes(attributes) if attributes else None))
   measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
   text_w = lambda text, f=font: int(np.ceil(measure.textlength(text, font=f)))
   tag_w = text_w(f'#{max(len(lines), 1)}') + 2 * pad
-  key = 'attributes: ' + ', '.join(SHORT_NAMES)
-  legend_w = max([text_w(header, bold), text_w(key, small), text_w('no cells above the score threshold')] +
-                 [tag_w + pad + text_w(f'{c} | {a}') for _, _, c, a in lines]) + 3 * pad
-  legend_h = pad + (2 + max(len(lines), 1)) * line_h + 2 * pad
+  key = 'attributes: ' + ', '.join(SHORT_NAMES) if any(a is not None for *_, a in lines) else None
+  text = lambda c, a: c if a is None else f'{c} | {a}'
+  legend_w = max([text_w(header, bold), text_w(key or '', small), text_w('no cells above the score threshold')] +
+                 [tag_w + pad + text_w(text(c, a)) for _, _, c, a in lines]) + 3 * pad
+  legend_h = pad + (1 + (key is not None) + max(len(lines), 1)) * line_h + 2 * pad
   total_h = max(disp_h, legend_h)
   out = Image.new('RGB', (disp_w + legend_w, total_h), (255, 255, 255))
   out.paste(shown, (0, 0))
@@ -280,8 +293,9 @@ def draw_overlay(image: np.ndarray, detections: Sequence[dict], class_names: Seq
   y = pad
   draw.text((x0, y + line_h / 2), header, fill=(0, 0, 0), font=bold, anchor='lm')
   y += line_h
-  draw.text((x0, y + line_h / 2), key, fill=(90, 90, 90), font=small, anchor='lm')
-  y += line_h
+  if key is not None:
+    draw.text((x0, y + line_h / 2), key, fill=(90, 90, 90), font=small, anchor='lm')
+    y += line_h
   if not lines:
     draw.text((x0, y + line_h / 2), 'no cells above the score threshold', fill=(0, 0, 0), font=font, anchor='lm')
   for n, label, cls, attrs in lines:
@@ -290,7 +304,8 @@ def draw_overlay(image: np.ndarray, detections: Sequence[dict], class_names: Seq
     draw.text((x0 + tag_w / 2, y + line_h / 2), str(n), fill=_text_colour(colour), font=font, anchor='mm')
     tx = x0 + tag_w + pad
     draw.text((tx, y + line_h / 2), cls, fill=_dark(colour), font=font, anchor='lm')
-    draw.text((tx + text_w(cls), y + line_h / 2), f' | {attrs}', fill=(0, 0, 0), font=font, anchor='lm')
+    if attrs is not None:
+      draw.text((tx + text_w(cls), y + line_h / 2), f' | {attrs}', fill=(0, 0, 0), font=font, anchor='lm')
     y += line_h
   path = os.fspath(path)
   if os.path.dirname(path):
@@ -448,6 +463,7 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   max_detections = int(config.get('eval', {}).get('max_detections', 100))
   nms_iou_threshold = float(config.get('eval', {}).get('nms_iou_threshold', 1.0))
   score_rule = config.get('eval', {}).get('class_scores', 'detector')
+  with_attributes = trained_attributes(config)
   num_devices = jax.local_device_count()
   per_device = max(int(batch_size), 1)
   global_batch = num_devices * per_device
@@ -475,7 +491,7 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
           outputs['logits'][i], outputs['boxes'][i], outputs['attribute_logits'][i], image_size, item.scale,
           (height, width), max_detections, 0.0, nms_iou_threshold,
           None if cell_class_logits is None else cell_class_logits[i]), score_threshold, nms_iou_threshold)
-      records = detection_records(found, item.image_id, item.file_name, class_names)
+      records = detection_records(found, item.image_id, item.file_name, class_names, with_attributes)
       results.extend(records)
       image_table[str(item.image_id)] = {'file_name': item.file_name, 'width': int(width), 'height': int(height)}
       if overlays:

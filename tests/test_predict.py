@@ -257,6 +257,28 @@ def test_threshold_and_exit_status(workdir, tmp_path):
     predict.run(workdir, str(tmp_path / 'nothing*.png'), str(tmp_path / 'out2'))
 
 
+def test_model_trained_without_attributes_reports_none(workdir, tmp_path):
+  images = tmp_path / 'images'
+  images.mkdir()
+  Image.fromarray(np.random.default_rng(2).integers(0, 256, (120, 200, 3), np.uint8)).save(images / 'field.png')
+  no_attributes = tiny_config()
+  no_attributes.loss.attribute_weight = 0.0  # as configs/txl_pbc.py: the attribute head never trained
+  runs = {name: predict.run(workdir, str(images), str(tmp_path / name), config=config, score_threshold=0.0)
+          for name, config in (('with', None), ('without', no_attributes))}
+  found = {name: json.loads((tmp_path / name / 'detections.json').read_text()) for name in runs}
+  assert found['with'] and all('attributes' in d and 'attribute_scores' in d for d in found['with'])
+  assert not any('attributes' in d or 'attribute_scores' in d for d in found['without'])
+  # The same detections otherwise.
+  strip = lambda d: {k: v for k, v in d.items() if k not in ('attributes', 'attribute_scores')}
+  assert [strip(d) for d in found['with']] == found['without']
+  # The overlay's legend lists no attribute words (and no attribute key), so it is narrower.
+  widths = {}
+  for name, summary in runs.items():
+    with Image.open(summary['overlays'][0]) as overlay:
+      widths[name] = overlay.size[0]
+  assert widths['without'] < widths['with']
+
+
 def test_class_names_fallbacks(tmp_path):
   c = tiny_config()
   assert predict.class_names_for(c, str(tmp_path), lld_format.NUM_CLASSES) == lld_format.CLASS_NAMES
