@@ -10,10 +10,10 @@ Expected on 2 CPU cores: 0.75-0.85 steps/s after about 1.3 minutes of start-up (
 training; test mAP50 0.47, mAP50:95 0.31 and strict attribute F1 0.545. `bash scripts/demo.sh` from a fresh clone
 of de0d91c (set-up with uv, generation on both cores) reached exactly those (0.472, 0.311, 0.545) in 13.5 minutes,
 in a slow hour of the machine (0.75-0.77 steps/s); with pip's set-up, fresh clones took 14.4-15.9 minutes
-(docs/results.md). The issue's quality
-targets (mAP50 0.90, F1 0.85) are out of reach: a crop classifier given the true boxes reaches 0.84 / 0.76 on this
-data in a comparable budget, and 0.83 / 0.85 with five times that budget (`scripts/oracle_boxes.py`): the
-mAP50 target is above what this data's classes allow.
+(docs/results.md). A faster CPU (AVX-512, 3.3 steps/s) ran it in 4.1 minutes, to 0.453 / 0.298 / 0.561: the
+digits depend on the CPU. The issue's quality targets (mAP50 0.90, F1 0.85) are out of reach: a crop classifier
+given the true boxes reaches 0.84 / 0.76 on this data in a comparable budget, and 0.83 / 0.85 with five times that
+budget (`scripts/oracle_boxes.py`): the mAP50 target is above what this data's classes allow.
 """
 
 from lld_jax.default_config import base_config
