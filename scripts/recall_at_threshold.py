@@ -73,8 +73,9 @@ def main():
     table[threshold] = {name: {'recall': tp[k] / max(truth[k], 1), 'precision': tp[k] / max(found[k], 1),
                                'labels': int(truth[k]), 'detections': int(found[k])}
                         for k, name in enumerate(names)}
+    rows = table[threshold].items()
     print(f'cell score >= {threshold:g}: ' + ', '.join(
-        f'{name} recall {row["recall"]:.2f} precision {row["precision"]:.2f}' for name, row in table[threshold].items()))
+        f'{name} recall {row["recall"]:.2f} precision {row["precision"]:.2f}' for name, row in rows))
   print(json.dumps(table, indent=1))
 
 
