@@ -46,6 +46,29 @@ def _logged(workdir, tag):
   return sorted(found.items())
 
 
+def train_arguments(name, *, config, workdir, steps, downloads, data_dir, split, pseudo_threshold,
+                    pseudo_warmup_steps, overrides=()):
+  """The `lld_jax.train` arguments of setting `name`: one budget for all, evaluated once at its end on `split`.
+  `downloads` maps 'full' and 'sparse' to the download each setting reads; `overrides` come last, so they win."""
+  kind = 'full' if name == 'a_full' else 'sparse'
+  arguments = [f'--config={config}', f'--workdir={workdir}', f'--config.total_steps={steps}',
+               f'--config.eval_every_steps={steps}', f'--config.dataset.manual_dir={downloads[kind]}',
+               f'--config.dataset.data_dir={data_dir}', f'--config.dataset.eval_split={split}'] + SETTINGS[name]
+  if name.startswith('d_'):
+    arguments += [f'--config.pseudo_labels.threshold={pseudo_threshold}',
+                  f'--config.pseudo_labels.warmup_steps={pseudo_warmup_steps}']
+  return arguments + list(overrides)
+
+
+def table_lines(rows):
+  """Markdown table of {setting: {mAP50, mAP50_95, attributes/mean_f1_strict, pseudo_labels_per_step}}."""
+  lines = ['| setting | mAP50 | mAP50:95 | attribute mean F1 (strict) '
+           '| pseudo-labels per step after warm-up (mean) |', '|---|---|---|---|---|']
+  for name, row in rows.items():
+    lines.append(f'| {name} | ' + ' | '.join('-' if v is None else f'{v:.3f}' for v in row.values()) + ' |')
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--dataset', choices=('synthetic', 'txl_pbc'), required=True)
@@ -83,17 +106,11 @@ def main():
   rows = {}
   warmup_steps = int(args.steps * args.pseudo_warmup_fraction)
   for name in settings:
-    overrides = SETTINGS[name]
-    kind = 'full' if name == 'a_full' else 'sparse'
     workdir = os.path.join(args.out, name)
-    common = [f'--config={config}', f'--workdir={workdir}', f'--config.total_steps={args.steps}',
-              f'--config.eval_every_steps={args.steps}', f'--config.dataset.manual_dir={downloads[kind]}',
-              f'--config.dataset.data_dir={os.path.join(args.out, "tfds")}',
-              f'--config.dataset.eval_split={split}'] + overrides + args.overrides
-    if name.startswith('d_'):
-      common += [f'--config.pseudo_labels.threshold={args.pseudo_threshold}',
-                 f'--config.pseudo_labels.warmup_steps={warmup_steps}']
-    _run([py, '-m', 'lld_jax.train'] + common)  # ends by evaluating the split into WORKDIR/eval/<split>/
+    _run([py, '-m', 'lld_jax.train'] + train_arguments(
+        name, config=config, workdir=workdir, steps=args.steps, downloads=downloads, data_dir=os.path.join(
+            args.out, 'tfds'), split=split, pseudo_threshold=args.pseudo_threshold, pseudo_warmup_steps=warmup_steps,
+        overrides=args.overrides))  # ends by evaluating the split into WORKDIR/eval/<split>/
     with open(os.path.join(workdir, 'eval', split, 'metrics.json')) as f:
       metrics = json.load(f)
     rows[name] = {k: metrics.get(k) for k in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict')}
@@ -102,10 +119,7 @@ def main():
     rows[name]['pseudo_labels_per_step'] = float(np.mean(counts)) if counts else None
   with open(os.path.join(args.out, 'table.json'), 'w') as f:
     json.dump(rows, f, indent=2)
-  lines = ['| setting | mAP50 | mAP50:95 | attribute mean F1 (strict) '
-           '| pseudo-labels per step after warm-up (mean) |', '|---|---|---|---|---|']
-  for name, row in rows.items():
-    lines.append(f'| {name} | ' + ' | '.join('-' if v is None else f'{v:.3f}' for v in row.values()) + ' |')
+  lines = table_lines(rows)
   with open(os.path.join(args.out, 'table.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -11,10 +9,9 @@ import pytest
 
 from lld_jax import evaluate
 from lld_jax import train
+from config_parsing import parse_train_config
 from tiny_training import TOTAL_STEPS
 from tiny_training import tiny_config
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _leaves_equal(a, b):
@@ -64,27 +61,8 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   assert '## Metrics (test split)' in text and 'training_curves.png' in text and 'overlay_' in text
 
 
-_PARSE_SCRIPT = """
-import sys
-from absl import flags
-from ml_collections import config_flags
-config_flags.DEFINE_config_file('config', None, 'config', lock_config=True)
-flags.FLAGS(['prog'] + sys.argv[1:])
-print(flags.FLAGS.config.to_json())
-"""
-
-
-def _parse(argv):
-  """Parses a command line exactly as `python -m lld_jax.train` does (config file locked)."""
-  result = subprocess.run([sys.executable, '-c', _PARSE_SCRIPT] + argv, capture_output=True, text=True,
-                          cwd=REPO_ROOT, check=False)
-  if result.returncode:
-    raise ValueError(result.stderr)
-  return json.loads(result.stdout)
-
-
 def test_config_overrides():
-  config = _parse(['--config=configs/synthetic_demo.py', '--config.total_steps=7',
+  config = parse_train_config(['--config=configs/synthetic_demo.py', '--config.total_steps=7',
                    '--config.model.num_queries=12', '--config.dataset.manual_dir=/data/lld'])
   assert config['total_steps'] == 7 and config['model']['num_queries'] == 12
   assert config['dataset']['manual_dir'] == '/data/lld'
@@ -92,4 +70,4 @@ def test_config_overrides():
 
 def test_misspelled_override_fails():
   with pytest.raises(ValueError, match='totl_steps'):
-    _parse(['--config=configs/synthetic_demo.py', '--config.totl_steps=7'])
+    parse_train_config(['--config=configs/synthetic_demo.py', '--config.totl_steps=7'])

@@ -1,0 +1,76 @@
+"""scripts/sparse_benchmark.py: each setting trains what its name says, on both datasets' configs."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from config_parsing import REPO_ROOT
+from config_parsing import parse_train_config
+
+_PATH = os.path.join(REPO_ROOT, 'scripts', 'sparse_benchmark.py')
+_spec = importlib.util.spec_from_file_location('sparse_benchmark', _PATH)
+sparse_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sparse_benchmark)
+
+DOWNLOADS = {'full': '/data/full', 'sparse': '/data/sparse'}
+# (dataset.config, loss.region_restricted, pseudo_labels.enabled) that each setting must train with.
+EXPECTED = {
+    'a_full': ('full', True, False),
+    'b_sparse_as_background': ('sparse', False, False),
+    'c_region_restricted': ('sparse', True, False),
+    'd_region_restricted_pseudo': ('sparse', True, True),
+}
+
+
+def _arguments(name, config, overrides=()):
+  return sparse_benchmark.train_arguments(
+      name, config=config, workdir=f'/runs/{name}', steps=321, downloads=DOWNLOADS, data_dir='/runs/tfds',
+      split='val', pseudo_threshold=0.7, pseudo_warmup_steps=107, overrides=overrides)
+
+
+@pytest.mark.parametrize('config_file', ['configs/txl_pbc.py', 'configs/synthetic_demo.py'])
+def test_settings_configure_what_they_name(config_file):
+  assert set(sparse_benchmark.SETTINGS) == set(EXPECTED)
+  for name, (dataset_config, region_restricted, pseudo) in EXPECTED.items():
+    config = parse_train_config(_arguments(name, config_file))
+    assert config['dataset']['config'] == dataset_config, name
+    assert config['dataset']['manual_dir'] == DOWNLOADS[dataset_config], name
+    assert config['loss']['region_restricted'] is region_restricted, name
+    assert config['pseudo_labels']['enabled'] is pseudo, name
+    # One budget for every setting, evaluated once at its end on the fully annotated split.
+    assert config['total_steps'] == 321 and config['eval_every_steps'] == 321, name
+    assert config['dataset']['eval_split'] == 'val' and config['dataset']['data_dir'] == '/runs/tfds', name
+    if pseudo:
+      assert config['pseudo_labels']['threshold'] == 0.7
+      assert config['pseudo_labels']['warmup_steps'] == 107
+
+
+def test_user_overrides_come_last_and_win():
+  config = parse_train_config(_arguments('d_region_restricted_pseudo', 'configs/txl_pbc.py',
+                                         ['--config.seed=3', '--config.pseudo_labels.threshold=0.9']))
+  assert config['seed'] == 3 and config['pseudo_labels']['threshold'] == 0.9
+
+
+def test_table_lines():
+  rows = {'a_full': {'mAP50': 0.9081, 'mAP50_95': 0.685, 'attributes/mean_f1_strict': None,
+                     'pseudo_labels_per_step': None},
+          'd_region_restricted_pseudo': {'mAP50': 0.79, 'mAP50_95': 0.5852, 'attributes/mean_f1_strict': 0.25,
+                                         'pseudo_labels_per_step': 10.04}}
+  lines = sparse_benchmark.table_lines(rows)
+  assert len(lines) == 4 and lines[0].count('|') == lines[2].count('|') == 6
+  assert lines[2] == '| a_full | 0.908 | 0.685 | - | - |'
+  assert lines[3] == '| d_region_restricted_pseudo | 0.790 | 0.585 | 0.250 | 10.040 |'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--settings=c_region_restricted,e_unknown'], "unknown ['e_unknown']"),
+    (['--config_seed=1'], 'only --config.key=value overrides pass through'),
+])
+def test_bad_arguments_are_refused_before_training(tmp_path, argv, message):
+  result = subprocess.run([sys.executable, _PATH, '--dataset=txl_pbc', '--steps=10', f'--out={tmp_path}/out'] + argv,
+                          capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+  assert result.returncode == 2 and message in result.stderr
+  assert not os.path.exists(tmp_path / 'out')
