@@ -63,7 +63,7 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
 
 def test_config_overrides():
   config = parse_train_config(['--config=configs/synthetic_demo.py', '--config.total_steps=7',
-                   '--config.model.num_queries=12', '--config.dataset.manual_dir=/data/lld'])
+                               '--config.model.num_queries=12', '--config.dataset.manual_dir=/data/lld'])
   assert config['total_steps'] == 7 and config['model']['num_queries'] == 12
   assert config['dataset']['manual_dir'] == '/data/lld'
 
