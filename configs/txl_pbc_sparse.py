@@ -10,7 +10,8 @@ steps (about an hour, as configs/txl_pbc.py) reach val mAP50 0.754 and 0.801 (se
 --config.pseudo_labels.warmup_steps=600`) 0.790 and 0.823 (0.585, 0.600). Full labels give 0.908 at the same
 budget, and treating the unlabelled area as background 0.775 and 0.784. At 600 steps (about 20 minutes): 0.616 / 0.561,
 with pseudo-labels 0.633, full labels 0.803, background 0.468. At 3,600 steps (`--config.total_steps=3600`, about
-30 minutes alone on session 11's faster 2-core CPU): 0.864 and 0.861 (0.93 x full labels' 0.930), background 0.839.
+30 minutes alone on session 11's faster 2-core CPU): 0.864 and 0.861 (0.93 x full labels' 0.930), with
+pseudo-labels 0.875, background 0.839.
 """
 
 from configs import txl_pbc
