@@ -61,9 +61,10 @@ def counts(detections, images, records, num_classes, threshold):
     for k in range(num_classes):
       mine = [d for d in kept if d['category_id'] - 1 == k]
       xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in (d['bbox'] for d in mine)]).reshape(-1, 4)
-      tp[k] += int((metrics.match_strict(record.boxes[record.labels == k], xyxy) >= 0).sum())
+      truth_boxes = record.boxes[record.labels == k]
+      tp[k] += int((metrics.match_strict(truth_boxes, xyxy) >= 0).sum())
       found[k] += len(mine)
-      truth[k] += int((record.labels == k).sum())
+      truth[k] += len(truth_boxes)
   return tp, found, truth, unlabelled
 
 
