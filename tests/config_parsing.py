@@ -2,11 +2,10 @@
 fresh process, so that the tests see what the trainer would see."""
 
 import json
-import os
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo import REPO_ROOT
 
 _PARSE_SCRIPT = """
 import sys

@@ -13,6 +13,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from lld_jax import matching
+from repo import REPO_ROOT
 
 WEIGHTS = matching.CostWeights()
 # Shared jitted functions and shapes: every new shape is another compile, which dominates on a small CPU.
@@ -205,7 +206,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
 def test_batched_match_inside_pmap_two_simulated_devices():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          timeout=120, cwd=REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'OK (2, 2, 3)' in result.stdout
 

@@ -1,16 +1,12 @@
 """scripts/recall_at_threshold.py on a hand-made TXL-PBC download."""
 
-import importlib.util
-import os
-
 import numpy as np
 from PIL import Image
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'recall_at_threshold.py')
-_spec = importlib.util.spec_from_file_location('recall_at_threshold', _PATH)
-recall_at_threshold = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(recall_at_threshold)
+from repo import load_script
+
+recall_at_threshold = load_script('recall_at_threshold')
 
 
 def _download(root, labels):

@@ -22,10 +22,9 @@ import tensorflow as tf
 
 from lld_jax import evaluate
 from lld_jax import train
+from repo import REPO_ROOT
 from tiny_training import TOTAL_STEPS
 from tiny_training import tiny_config
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _logged_scalars(workdir):

@@ -1,19 +1,16 @@
 """scripts/sparse_benchmark.py: each setting trains what its name says, on both datasets' configs."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from config_parsing import REPO_ROOT
 from config_parsing import parse_train_config
+from repo import REPO_ROOT
+from repo import load_script
 
-_PATH = os.path.join(REPO_ROOT, 'scripts', 'sparse_benchmark.py')
-_spec = importlib.util.spec_from_file_location('sparse_benchmark', _PATH)
-sparse_benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sparse_benchmark)
+sparse_benchmark = load_script('sparse_benchmark')
 
 DOWNLOADS = {'full': '/data/full', 'sparse': '/data/sparse'}
 # (dataset.config, loss.region_restricted, pseudo_labels.enabled) that each setting must train with.
@@ -70,7 +67,7 @@ def test_table_lines():
     (['--config_seed=1'], 'only --config.key=value overrides pass through'),
 ])
 def test_bad_arguments_are_refused_before_training(tmp_path, argv, message):
-  result = subprocess.run([sys.executable, _PATH, '--dataset=txl_pbc', '--steps=10', f'--out={tmp_path}/out'] + argv,
+  result = subprocess.run([sys.executable, sparse_benchmark.__file__, '--dataset=txl_pbc', '--steps=10', f'--out={tmp_path}/out'] + argv,
                           capture_output=True, text=True, cwd=REPO_ROOT, check=False)
   assert result.returncode == 2 and message in result.stderr
   assert not os.path.exists(tmp_path / 'out')
