@@ -134,7 +134,7 @@ def main(argv):
   out_dir = os.path.join(FLAGS.workdir, 'eval', split)
   write_evaluation(result, out_dir)
   m = result.metrics
-  print(json.dumps({k: m[k] for k in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict',
+  print(json.dumps({k: m[k] for k in ('mAP50', 'mAP50_95', 'cells/AP50', 'attributes/mean_f1_strict',
                                       'attributes/mean_f1_paper') if k in m}, indent=2))
   print(f'wrote {out_dir}/metrics.json')
 

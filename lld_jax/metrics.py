@@ -10,12 +10,17 @@ protocols (see `shared/docs/lld.md`, "How the authors evaluate"):
 * paper: every ground-truth cell takes the detection with the highest IoU (no threshold, a detection may serve
   several cells); images with no detection are dropped. This flatters the score; it is kept for comparison.
 
+`cells/AP50` and `cells/AP50_95` score the detections as one class ("a cell is here"), whatever class they name: each
+predicted box counts once, at its cell score (`ImagePrediction.cell_scores`, else its best score), so a query listed
+under several classes is not a false positive of itself. Set against mAP, this separates finding the cells from
+naming them.
+
 Images with an annotation mask are scored only inside it: detections whose box centre lies outside the mask (or
 outside the image) are removed before any scoring (detection and attributes). Ground truth is never dropped.
 
-Undefined values: `mAP50`, `mAP50_95` and `attributes/mean_f1_*` are always present and NaN when undefined; the
-per-class, per-domain and per-attribute keys are *left out* when undefined (a class with no ground truth, a domain
-with no ground truth, an attribute with no scorable cell). Precision/recall/F1 with a zero denominator are 0.
+Undefined values: `mAP50`, `mAP50_95`, `cells/AP50`, `cells/AP50_95` and `attributes/mean_f1_*` are always present
+and NaN when undefined; the per-class, per-domain and per-attribute keys are *left out* when undefined (a class with
+no ground truth, a domain with no ground truth, an attribute with no scorable cell). Precision/recall/F1 with a zero denominator are 0.
 """
 
 from __future__ import annotations
@@ -224,6 +229,20 @@ def _build_cocos(images: list[_Image], num_classes: int) -> tuple[COCO, COCO]:
   gt = _make_coco({'images': image_entries, 'categories': categories, 'annotations': gt_anns})
   dt = _make_coco({'images': image_entries, 'categories': categories, 'annotations': dt_anns})
   return gt, dt
+
+
+def _class_agnostic(images: list[_Image]) -> list[_Image]:
+  """The images with every label 0 and each distinct predicted box once, at its best cell score."""
+  agnostic = []
+  for im in images:
+    by_cell_score = np.argsort(-im.dt_cell_scores, kind='stable')
+    _, first = np.unique(im.dt_boxes[by_cell_score], axis=0, return_index=True)
+    keep = by_cell_score[np.sort(first)]
+    agnostic.append(dataclasses.replace(
+        im, gt_labels=np.zeros_like(im.gt_labels), dt_boxes=im.dt_boxes[keep], dt_scores=im.dt_cell_scores[keep],
+        dt_labels=np.zeros_like(im.dt_labels[keep]), dt_attrs=im.dt_attrs[keep],
+        dt_cell_scores=im.dt_cell_scores[keep]))
+  return agnostic
 
 
 def _run_cocoeval(gt: COCO, dt: COCO, img_ids: list[int], max_dets: Sequence[int]) -> COCOeval:
@@ -443,6 +462,8 @@ def evaluate_full(truths: Sequence[ImageTruth], predictions: Sequence[ImagePredi
     if not np.isnan(ap50[k]):
       metrics[f'per_class/{name}/AP50'] = float(ap50[k])
       metrics[f'per_class/{name}/AP50_95'] = float(ap[k])
+  cells = _run_cocoeval(*_build_cocos(_class_agnostic(images), 1), all_ids, max_dets)
+  metrics['cells/AP50'], metrics['cells/AP50_95'], _, _ = _ap_metrics(_coco_precision(cells), iou_thr)
 
   domains: dict[str, list[int]] = {}
   for i, im in enumerate(images):

@@ -297,3 +297,30 @@ def test_attribute_threshold_reads_cell_scores_when_given():
   assert m['mAP50'] == run(t, [low])['mAP50']  # mAP reads the scores only
   with pytest.raises(ValueError, match='inconsistent prediction lengths'):
     run(t, [M.ImagePrediction('0', low.boxes, low.scores, low.labels, low.attributes, cell_scores=np.ones(2))])
+
+
+def test_cells_ap_ignores_the_class_and_counts_each_box_once():
+  t = [truth('1', [[0, 0, 40, 40], [100, 100, 140, 140]], [0, 1])]
+  boxes = [[0, 0, 40, 40], [100, 100, 140, 140], [0, 0, 40, 40]]
+  # Both cells found, the second named wrongly; the first box is listed again under another class, lower.
+  m = run(t, [pred('1', boxes, [0.9, 0.8, 0.85], [0, 2, 1])])
+  assert m['mAP50'] == pytest.approx(0.5)  # a: 1; b: its only detection is the duplicate at a's cell
+  assert m['cells/AP50'] == pytest.approx(1.0) and m['cells/AP50_95'] == pytest.approx(1.0)
+  # A second box on a found cell is a false positive; ranked above the other cell it costs precision.
+  near = [3, 0, 43, 40]
+  ranked_high = run(t, [pred('1', [boxes[0], near, boxes[1]], [0.9, 0.85, 0.8], [0, 1, 1])])
+  ranked_low = run(t, [pred('1', [boxes[0], near, boxes[1]], [0.9, 0.7, 0.8], [0, 1, 1])])
+  assert ranked_low['cells/AP50'] == pytest.approx(1.0)
+  assert ranked_high['cells/AP50'] == pytest.approx(1.0 / 2 + 2 / 3 / 2, abs=0.01)
+  assert math.isnan(run([truth('1', [], [])], [])['cells/AP50'])
+
+
+def test_cells_ap_ranks_by_cell_scores_when_given():
+  """A box whose class is uncertain but whose cell is certain ranks above a false positive."""
+  t = [truth('1', [[0, 0, 40, 40]], [0])]
+  boxes = np.array([[100, 100, 140, 140], [0, 0, 40, 40]], np.float64)
+  by_class = M.ImagePrediction('1', boxes, np.array([0.6, 0.3]), np.array([0, 0]), np.zeros((2, 2), np.int64))
+  by_cell = M.ImagePrediction('1', boxes, by_class.scores, by_class.labels, by_class.attributes,
+                              cell_scores=np.array([0.6, 0.9]))
+  assert run(t, [by_class])['cells/AP50'] == pytest.approx(0.5)
+  assert run(t, [by_cell])['cells/AP50'] == pytest.approx(1.0)
