@@ -8,8 +8,9 @@ matching; (d) (c) + pseudo-labels. For `synthetic`, one synthetic download is wr
 and one in the sparse layout from the same seed (the same images), and every setting is evaluated on the fully
 annotated test split. For `txl_pbc`, the `sparse` builder config simulates the sparse train split and every
 setting is evaluated on the fully annotated val split. Pseudo-labels start after a third of the budget
-(`--pseudo_warmup_fraction`), at the score threshold `--pseudo_threshold`. Writes OUT/table.md and OUT/table.json,
-with the mean number of pseudo-labels per step in (d) after its warm-up.
+(`--pseudo_warmup_fraction`), at the score threshold `--pseudo_threshold`. Writes OUT/table.md and OUT/table.json:
+mAP, the detections' AP as one class (`cells/AP50`: finding the cells, whatever they are named), attribute F1, and the
+mean number of pseudo-labels per step in (d) after its warm-up.
 """
 
 import argparse
@@ -60,12 +61,18 @@ def train_arguments(name, *, config, workdir, steps, downloads, data_dir, split,
   return arguments + list(overrides)
 
 
+# (heading, key of a row): the metrics.json keys, then the pseudo-label count the script adds.
+COLUMNS = (('mAP50', 'mAP50'), ('mAP50:95', 'mAP50_95'), ('cells AP50 (any class)', 'cells/AP50'),
+           ('attribute mean F1 (strict)', 'attributes/mean_f1_strict'),
+           ('pseudo-labels per step after warm-up (mean)', 'pseudo_labels_per_step'))
+
+
 def table_lines(rows):
-  """Markdown table of {setting: {mAP50, mAP50_95, attributes/mean_f1_strict, pseudo_labels_per_step}}."""
-  lines = ['| setting | mAP50 | mAP50:95 | attribute mean F1 (strict) '
-           '| pseudo-labels per step after warm-up (mean) |', '|---|---|---|---|---|']
+  """Markdown table of {setting: {key: value or None}}, one column per `COLUMNS` entry ('-' where missing)."""
+  lines = ['| setting | ' + ' | '.join(heading for heading, _ in COLUMNS) + ' |', '|---' * (len(COLUMNS) + 1) + '|']
   for name, row in rows.items():
-    lines.append(f'| {name} | ' + ' | '.join('-' if v is None else f'{v:.3f}' for v in row.values()) + ' |')
+    values = [row.get(key) for _, key in COLUMNS]
+    lines.append(f'| {name} | ' + ' | '.join('-' if v is None else f'{v:.3f}' for v in values) + ' |')
   return lines
 
 
@@ -113,7 +120,7 @@ def main():
         overrides=args.overrides))  # ends by evaluating the split into WORKDIR/eval/<split>/
     with open(os.path.join(workdir, 'eval', split, 'metrics.json')) as f:
       metrics = json.load(f)
-    rows[name] = {k: metrics.get(k) for k in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict')}
+    rows[name] = {key: metrics.get(key) for _, key in COLUMNS if key != 'pseudo_labels_per_step'}
     # Pseudo-labels exist only after the warm-up: their mean over the logging windows from then on.
     counts = [v for step, v in _logged(workdir, 'num_pseudo_labels') if step > warmup_steps]
     rows[name]['pseudo_labels_per_step'] = float(np.mean(counts)) if counts else None

@@ -52,14 +52,16 @@ def test_user_overrides_come_last_and_win():
 
 
 def test_table_lines():
-  rows = {'a_full': {'mAP50': 0.9081, 'mAP50_95': 0.685, 'attributes/mean_f1_strict': None,
+  rows = {'a_full': {'mAP50': 0.9081, 'mAP50_95': 0.685, 'cells/AP50': 0.95, 'attributes/mean_f1_strict': None,
                      'pseudo_labels_per_step': None},
-          'd_region_restricted_pseudo': {'mAP50': 0.79, 'mAP50_95': 0.5852, 'attributes/mean_f1_strict': 0.25,
-                                         'pseudo_labels_per_step': 10.04}}
+          'd_region_restricted_pseudo': {'pseudo_labels_per_step': 10.04, 'mAP50': 0.79, 'mAP50_95': 0.5852,
+                                         'attributes/mean_f1_strict': 0.25}}
   lines = sparse_benchmark.table_lines(rows)
-  assert len(lines) == 4 and lines[0].count('|') == lines[2].count('|') == 6
-  assert lines[2] == '| a_full | 0.908 | 0.685 | - | - |'
-  assert lines[3] == '| d_region_restricted_pseudo | 0.790 | 0.585 | 0.250 | 10.040 |'
+  assert len(lines) == 4 and lines[0].count('|') == lines[1].count('|') == lines[2].count('|') == 7
+  assert lines[0].startswith('| setting | mAP50 | mAP50:95 | cells AP50')
+  assert lines[2] == '| a_full | 0.908 | 0.685 | 0.950 | - | - |'
+  # Columns follow COLUMNS whatever the order of a row's keys; a key the row lacks is shown as missing.
+  assert lines[3] == '| d_region_restricted_pseudo | 0.790 | 0.585 | - | 0.250 | 10.040 |'
 
 
 @pytest.mark.parametrize('argv, message', [
