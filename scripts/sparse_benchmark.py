@@ -5,8 +5,9 @@ r"""The sparse-annotation benchmark: four settings trained with the same budget,
 
 Settings: (a) full labels; (b) sparse labels with the unlabelled area as background; (c) region-restricted
 matching; (d) (c) + pseudo-labels. For `synthetic`, one synthetic download is written in the YOLO layout (full)
-and one in the sparse layout from the same seed (the same images), and every setting is evaluated on the fully
-annotated test split. For `txl_pbc`, the `sparse` builder config simulates the sparse train split and every
+and one in the sparse layout from the same seed (the same images; 20 patients of 10 fields unless
+`--synthetic_patients` and `--synthetic_images_per_patient` say otherwise), and every setting is evaluated on the
+fully annotated test split. For `txl_pbc`, the `sparse` builder config simulates the sparse train split and every
 setting is evaluated on the fully annotated val split. Pseudo-labels start after a third of the budget
 (`--pseudo_warmup_fraction`), at the score threshold `--pseudo_threshold`. Writes OUT/table.md and OUT/table.json:
 mAP, the detections' AP as one class (`cells/AP50`: finding the cells, whatever they are named), attribute F1, and the
@@ -85,6 +86,9 @@ def main():
   parser.add_argument('--pseudo_threshold', type=float, default=0.95, help='teacher score for a pseudo-label')
   parser.add_argument('--settings', default=','.join(SETTINGS),
                       help='comma-separated settings to run (default: all four)')
+  parser.add_argument('--synthetic_patients', type=int, default=20,
+                      help='synthetic download: patients of subset H_100x_C1 (the splits are drawn by patient)')
+  parser.add_argument('--synthetic_images_per_patient', type=int, default=10)
   parser.add_argument('--pseudo_warmup_fraction', type=float, default=1 / 3,
                       help='share of the budget trained before pseudo-labels start')
   args, overrides = parser.parse_known_args()
@@ -104,7 +108,8 @@ def main():
     for layout, path in (('yolo', downloads['full']), ('sparse', downloads['sparse'])):
       if not os.path.isdir(path):
         _run([py, '-m', 'tfds_lld.synthetic', '--out', path, '--layout', layout, '--subsets', 'H_100x_C1',
-              '--patients', '20', '--images-per-patient', '10', '--seed', '0', '--workers', str(os.cpu_count())])
+              '--patients', str(args.synthetic_patients), '--images-per-patient',
+              str(args.synthetic_images_per_patient), '--seed', '0', '--workers', str(os.cpu_count())])
     split = 'test'
   else:
     config = 'configs/txl_pbc.py'
