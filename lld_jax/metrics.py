@@ -20,7 +20,8 @@ outside the image) are removed before any scoring (detection and attributes). Gr
 
 Undefined values: `mAP50`, `mAP50_95`, `cells/AP50`, `cells/AP50_95` and `attributes/mean_f1_*` are always present
 and NaN when undefined; the per-class, per-domain and per-attribute keys are *left out* when undefined (a class with
-no ground truth, a domain with no ground truth, an attribute with no scorable cell). Precision/recall/F1 with a zero denominator are 0.
+no ground truth, a domain with no ground truth, an attribute with no scorable cell). Precision/recall/F1 with a zero
+denominator are 0.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_table_lines():
     (['--config_seed=1'], 'only --config.key=value overrides pass through'),
 ])
 def test_bad_arguments_are_refused_before_training(tmp_path, argv, message):
-  result = subprocess.run([sys.executable, sparse_benchmark.__file__, '--dataset=txl_pbc', '--steps=10', f'--out={tmp_path}/out'] + argv,
-                          capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+  command = [sys.executable, sparse_benchmark.__file__, '--dataset=txl_pbc', '--steps=10', f'--out={tmp_path}/out']
+  result = subprocess.run(command + argv, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
   assert result.returncode == 2 and message in result.stderr
   assert not os.path.exists(tmp_path / 'out')
