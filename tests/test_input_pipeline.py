@@ -7,6 +7,8 @@ import pytest
 import tensorflow as tf
 
 from lld_jax import input_pipeline
+from lld_jax import train_step
+from tfds_lld import lld_format
 from tfds_lld import synthetic
 
 IMAGE_SIZE = 64
@@ -96,6 +98,17 @@ def test_train_batches_have_fixed_shapes_and_are_deterministic(builder):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   assert not np.array_equal(first[0]['image'], other[0]['image'])
+
+
+def test_random_batch_of_the_benchmarks_has_the_pipelines_format(builder):
+  """The GPU benchmark's random batches (no TensorFlow there) stand for real ones: what the train step reads has the
+  same shapes and dtypes (the real batch also carries what evaluation reads: scale, original size, index)."""
+  config = _config()
+  real = next(input_pipeline.train_dataset(builder, 'train', config, 2, 0).as_numpy_iterator())
+  random = train_step.random_batch(config, 2, lld_format.NUM_CLASSES)
+  assert set(random) <= set(real) and {'image', 'boxes', 'labels', 'annotation_mask'} <= set(random)
+  for key in random:
+    assert (random[key].shape, random[key].dtype) == (real[key].shape, real[key].dtype), key
 
 
 def test_resumed_stream_continues_where_it_stopped(builder):
