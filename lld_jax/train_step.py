@@ -242,6 +242,6 @@ def random_batch(config, num_devices, num_classes, seed=0):
       'labels': rng.integers(0, num_classes, lead + (t,)).astype(np.int32),
       'attributes': attributes.astype(np.int32),
       'weight': np.ones(lead + (t,), np.float32),
-      'annotation_mask': np.ones(lead + (size // 8,) * 2, np.float32),  # input_pipeline.MASK_STRIDE (a test holds them equal)
+      'annotation_mask': np.ones(lead + (size // 8,) * 2, np.float32),  # MASK_STRIDE, held by a test
       'num_truncated': np.zeros(lead, np.int32),
   }
