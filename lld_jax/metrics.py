@@ -10,10 +10,9 @@ protocols (see `shared/docs/lld.md`, "How the authors evaluate"):
 * paper: every ground-truth cell takes the detection with the highest IoU (no threshold, a detection may serve
   several cells); images with no detection are dropped. This flatters the score; it is kept for comparison.
 
-`cells/AP50` and `cells/AP50_95` score the detections as one class ("a cell is here"), whatever class they name: each
-predicted box counts once, at its cell score (`ImagePrediction.cell_scores`, else its best score), so a query listed
-under several classes is not a false positive of itself. Set against mAP, this separates finding the cells from
-naming them.
+`cells/AP50` and `cells/AP50_95` score mAP's detections and scores as one class ("a cell is here"), whatever class
+they name: each predicted box counts once, at its best score, so a query listed under several classes is not a false
+positive of itself. Set against mAP, this separates finding the cells from naming them.
 
 Images with an annotation mask are scored only inside it: detections whose box centre lies outside the mask (or
 outside the image) are removed before any scoring (detection and attributes). Ground truth is never dropped.
@@ -233,14 +232,14 @@ def _build_cocos(images: list[_Image], num_classes: int) -> tuple[COCO, COCO]:
 
 
 def _class_agnostic(images: list[_Image]) -> list[_Image]:
-  """The images with every label 0 and each distinct predicted box once, at its best cell score."""
+  """The images with every label 0 and each distinct predicted box once, at its best score (they are sorted by
+  score, so its first listing)."""
   agnostic = []
   for im in images:
-    by_cell_score = np.argsort(-im.dt_cell_scores, kind='stable')
-    _, first = np.unique(im.dt_boxes[by_cell_score], axis=0, return_index=True)
-    keep = by_cell_score[np.sort(first)]
+    _, first = np.unique(im.dt_boxes, axis=0, return_index=True)
+    keep = np.sort(first)
     agnostic.append(dataclasses.replace(
-        im, gt_labels=np.zeros_like(im.gt_labels), dt_boxes=im.dt_boxes[keep], dt_scores=im.dt_cell_scores[keep],
+        im, gt_labels=np.zeros_like(im.gt_labels), dt_boxes=im.dt_boxes[keep], dt_scores=im.dt_scores[keep],
         dt_labels=np.zeros_like(im.dt_labels[keep]), dt_attrs=im.dt_attrs[keep],
         dt_cell_scores=im.dt_cell_scores[keep]))
   return agnostic

@@ -315,12 +315,13 @@ def test_cells_ap_ignores_the_class_and_counts_each_box_once():
   assert math.isnan(run([truth('1', [], [])], [])['cells/AP50'])
 
 
-def test_cells_ap_ranks_by_cell_scores_when_given():
-  """A box whose class is uncertain but whose cell is certain ranks above a false positive."""
+def test_cells_ap_ranks_by_the_detection_scores_as_map_does():
+  """Cell scores (the attribute threshold's) do not reorder the detections: only the class is ignored."""
   t = [truth('1', [[0, 0, 40, 40]], [0])]
   boxes = np.array([[100, 100, 140, 140], [0, 0, 40, 40]], np.float64)
-  by_class = M.ImagePrediction('1', boxes, np.array([0.6, 0.3]), np.array([0, 0]), np.zeros((2, 2), np.int64))
-  by_cell = M.ImagePrediction('1', boxes, by_class.scores, by_class.labels, by_class.attributes,
-                              cell_scores=np.array([0.6, 0.9]))
-  assert run(t, [by_class])['cells/AP50'] == pytest.approx(0.5)
-  assert run(t, [by_cell])['cells/AP50'] == pytest.approx(1.0)
+  false_first = M.ImagePrediction('1', boxes, np.array([0.6, 0.3]), np.array([0, 0]), np.zeros((2, 2), np.int64),
+                                  cell_scores=np.array([0.6, 0.9]))
+  assert run(t, [false_first])['cells/AP50'] == pytest.approx(0.5) == run(t, [false_first])['mAP50']
+  true_first = M.ImagePrediction('1', boxes, np.array([0.3, 0.6]), false_first.labels, false_first.attributes,
+                                 cell_scores=np.array([0.9, 0.6]))
+  assert run(t, [true_first])['cells/AP50'] == pytest.approx(1.0)
