@@ -12,8 +12,8 @@ budget, and treating the unlabelled area as background 0.775 and 0.784. At 600 s
 with pseudo-labels 0.633, full labels 0.803, background 0.468. At 3,600 steps (`--config.total_steps=3600`, about
 30 minutes alone on session 11's faster 2-core CPU): 0.864 and 0.861 (0.93 x full labels' 0.930), with
 pseudo-labels 0.875, background 0.839. Scored as one class (`cells/AP50`, finding cells whatever their class), the
-region-restricted runs lead treating the unlabelled area as background clearly: 0.920 and 0.916 against 0.827 at
-3,600 steps, 0.863 and 0.859 against 0.718 and 0.812 at 1,800 (full labels 0.968, 0.955).
+region-restricted runs lead treating the unlabelled area as background: 0.933 and 0.935 against 0.868 at 3,600
+steps, 0.884 and 0.901 against 0.787 and 0.859 at 1,800 (full labels 0.970, 0.958).
 """
 
 from configs import txl_pbc
