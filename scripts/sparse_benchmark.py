@@ -62,10 +62,10 @@ def train_arguments(name, *, config, workdir, steps, downloads, data_dir, split,
   return arguments + list(overrides)
 
 
-# (heading, key of a row): the metrics.json keys, then the pseudo-label count the script adds.
-COLUMNS = (('mAP50', 'mAP50'), ('mAP50:95', 'mAP50_95'), ('cells AP50 (any class)', 'cells/AP50'),
-           ('attribute mean F1 (strict)', 'attributes/mean_f1_strict'),
-           ('pseudo-labels per step after warm-up (mean)', 'pseudo_labels_per_step'))
+# (heading, key of a row): the keys read from metrics.json, then the pseudo-label count the script adds.
+METRIC_COLUMNS = (('mAP50', 'mAP50'), ('mAP50:95', 'mAP50_95'), ('cells AP50 (any class)', 'cells/AP50'),
+                  ('attribute mean F1 (strict)', 'attributes/mean_f1_strict'))
+COLUMNS = METRIC_COLUMNS + (('pseudo-labels per step after warm-up (mean)', 'pseudo_labels_per_step'),)
 
 
 def table_lines(rows):
@@ -125,7 +125,7 @@ def main():
         overrides=args.overrides))  # ends by evaluating the split into WORKDIR/eval/<split>/
     with open(os.path.join(workdir, 'eval', split, 'metrics.json')) as f:
       metrics = json.load(f)
-    rows[name] = {key: metrics.get(key) for _, key in COLUMNS if key != 'pseudo_labels_per_step'}
+    rows[name] = {key: metrics.get(key) for _, key in METRIC_COLUMNS}
     # Pseudo-labels exist only after the warm-up: their mean over the logging windows from then on.
     counts = [v for step, v in _logged(workdir, 'num_pseudo_labels') if step > warmup_steps]
     rows[name]['pseudo_labels_per_step'] = float(np.mean(counts)) if counts else None
