@@ -36,8 +36,9 @@ def _match_stacked(logits, boxes, targets, weights: matching.CostWeights, attrib
 
 def _matched_losses(logits, boxes, query_for_target, query_in_region, targets, weights, loss_config, num_boxes):
   """Class and box losses of one set of predictions [B, Q, ...] under a given assignment."""
+  is_background = losses.counts_as_background(query_in_region, logits, loss_config.unlabelled_background_below)
   query_labels, query_boxes, query_weight, is_matched = losses.matched_query_targets(
-      query_for_target, targets['labels'], targets['boxes'], targets['weight'], query_in_region, logits.shape[1])
+      query_for_target, targets['labels'], targets['boxes'], targets['weight'], is_background, logits.shape[1])
   quality = box_ops.iou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(query_boxes))
   quality = jnp.where(is_matched, quality, 0.0)
   class_sum = losses.class_loss(logits, query_labels, quality, query_weight, loss_config.class_loss,
@@ -54,7 +55,8 @@ def _denoising_losses(outputs, layer, targets, loss_config, num_boxes):
   target_boxes = losses.gather_queries(targets['boxes'], target_index)
   target_weight = losses.gather_queries(targets['weight'], target_index)
   in_region = jax.vmap(matching.points_in_mask)(boxes[..., :2], targets['annotation_mask'])
-  query_weight = jnp.where(positive, target_weight, jnp.where(valid & in_region, 1.0, 0.0))
+  is_background = losses.counts_as_background(in_region, logits, loss_config.unlabelled_background_below)
+  query_weight = jnp.where(positive, target_weight, jnp.where(valid & is_background, 1.0, 0.0))
   quality = jnp.where(positive & valid, box_ops.iou(box_ops.cxcywh_to_xyxy(boxes),
                                                    box_ops.cxcywh_to_xyxy(target_boxes)), 0.0)
   labels = jnp.where(valid, outputs['dn_labels'], -1)
@@ -68,10 +70,12 @@ def _denoising_losses(outputs, layer, targets, loss_config, num_boxes):
 
 
 def _token_losses(outputs, targets, loss_config, axis_name):
-  """One-to-many losses of every encoder token (see dense_assignment): usable tokens inside the annotated
-  region are negatives unless assigned; tokens outside it count only where a (pseudo) target takes them."""
+  """One-to-many losses of every encoder token (see dense_assignment): usable tokens are negatives unless assigned
+  where `losses.counts_as_background` says so; elsewhere they count only where a (pseudo) target takes them."""
   in_region = jax.vmap(matching.points_in_mask)(outputs['token_centres'], targets['annotation_mask'])
-  token_weight = (outputs['token_usable'] & in_region).astype(jnp.float32)
+  is_background = losses.counts_as_background(in_region, outputs['token_logits'],
+                                              loss_config.unlabelled_background_below)
+  token_weight = (outputs['token_usable'] & is_background).astype(jnp.float32)
   per_image = jax.vmap(lambda *a: dense_assignment.dense_losses(*a, top_k=loss_config.dense_top_k))(
       outputs['token_logits'], outputs['token_boxes'], outputs['token_centres'], token_weight, targets['labels'],
       targets['boxes'], targets['weight'])

@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.encoder_loss = 'one_to_one'
   c.loss.dense_top_k = 10  # positives per target in the one-to-many encoder loss
   c.loss.region_restricted = True  # False: unlabelled areas are background (what a plain detector does)
+  # With region_restricted: outside the annotated region an unmatched prediction is background when its own best
+  # class probability is under this (losses.counts_as_background). 0: never (neither positive nor negative).
+  c.loss.unlabelled_background_below = 0.0
   c.loss.cost_class = 2.0
   c.loss.cost_l1 = 5.0
   c.loss.cost_giou = 2.0

@@ -4,8 +4,8 @@ Each function returns a *sum*; callers divide by the mean number of real boxes p
 device's gradient has the same scale (DETR's normalization).
 
 Per-query class targets use -1 for "no object". The per-query weight carries three rules at once: 1 for a real
-target, the pseudo-label weight for a pseudo target, 1 for "no object" inside the annotated region and 0 for
-"no object" outside it (an unlabelled area is neither positive nor negative).
+target, the pseudo-label weight for a pseudo target, 1 for "no object" where `counts_as_background` says so and 0
+elsewhere (by default the unlabelled area is neither positive nor negative).
 """
 
 import jax
@@ -73,9 +73,26 @@ def gather_queries(values, query_index):
   return jax.vmap(lambda v, i: v[i])(values, query_index)
 
 
-def matched_query_targets(query_for_target, target_labels, target_boxes, target_weight, query_in_region,
+def counts_as_background(in_region, logits, below=0.0):
+  """[..., Q] whether an unmatched prediction is a "no object" negative: inside the annotated region always;
+  outside it only when its own best class probability (detached) is under `below`.
+
+  below = 0 is pure region restriction; below > 1 makes the whole unlabelled area background. In between, the
+  unlabelled area keeps its many right negatives (red cells, and the rare overlapping ones that look like white
+  cells) while a confident prediction there, likely a cell nobody labelled, is left alone; the idea of the
+  background recalibration loss (Zhang et al., 2020) for missing annotations. in_region [..., Q] bool,
+  logits [..., Q, K] sigmoid class logits.
+  """
+  if not below:
+    return in_region
+  probability = jax.nn.sigmoid(jax.lax.stop_gradient(logits).astype(jnp.float32)).max(-1)
+  return in_region | (probability < below)
+
+
+def matched_query_targets(query_for_target, target_labels, target_boxes, target_weight, query_is_background,
                           num_queries):
-  """Per-query class label (-1 = none), target box, and class weight after a matching.
+  """Per-query class label (-1 = none), target box, and class weight after a matching; an unmatched query weighs
+  1 where `query_is_background` [B, Q] (see `counts_as_background`), else 0.
 
   Returns (query_labels [B, Q], query_boxes [B, Q, 4], query_weight [B, Q], is_matched [B, Q]).
   """
@@ -86,5 +103,5 @@ def matched_query_targets(query_for_target, target_labels, target_boxes, target_
   query_labels = jnp.where(is_matched, gather_queries(target_labels, safe), -1)
   query_boxes = gather_queries(target_boxes, safe)
   matched_weight = gather_queries(target_weight, safe)
-  query_weight = jnp.where(is_matched, matched_weight, query_in_region.astype(jnp.float32))
+  query_weight = jnp.where(is_matched, matched_weight, query_is_background.astype(jnp.float32))
   return query_labels, query_boxes, query_weight, is_matched

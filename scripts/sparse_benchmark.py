@@ -4,7 +4,8 @@ r"""The sparse-annotation benchmark: four settings trained with the same budget,
   python scripts/sparse_benchmark.py --dataset=txl_pbc --steps=2000 --out=runs/sparse_txl [--config.key=value ...]
 
 Settings: (a) full labels; (b) sparse labels with the unlabelled area as background; (c) region-restricted matching;
-(d) (c) + pseudo-labels. For `synthetic`, one synthetic download is written in the YOLO layout (full) and one in the
+(d) (c) + pseudo-labels; (e) (c), with the unlabelled area's unsure predictions (own score under
+`--unlabelled_background_below`) as background (`loss.unlabelled_background_below`). For `synthetic`, one synthetic download is written in the YOLO layout (full) and one in the
 sparse layout from the same seed (the same images; 20 patients of 10 fields unless `--synthetic_patients` and
 `--synthetic_images_per_patient` say otherwise; downloads already in OUT are used as they are), and every setting is
 evaluated on the fully annotated test split. For `txl_pbc`, the `sparse` builder config simulates the sparse train
@@ -27,6 +28,7 @@ SETTINGS = {
     'b_sparse_as_background': ['--config.dataset.config=sparse', '--config.loss.region_restricted=False'],
     'c_region_restricted': ['--config.dataset.config=sparse'],
     'd_region_restricted_pseudo': ['--config.dataset.config=sparse', '--config.pseudo_labels.enabled=True'],
+    'e_region_restricted_unsure_as_background': ['--config.dataset.config=sparse'],
 }
 
 
@@ -49,7 +51,7 @@ def _logged(workdir, tag):
 
 
 def train_arguments(name, *, config, workdir, steps, downloads, data_dir, split, pseudo_threshold,
-                    pseudo_warmup_steps, overrides=()):
+                    pseudo_warmup_steps, unlabelled_background_below=0.5, overrides=()):
   """The `lld_jax.train` arguments of setting `name`: one budget for all, evaluated once at its end on `split`.
   `downloads` maps 'full' and 'sparse' to the download each setting reads; `overrides` come last, so they win."""
   kind = 'full' if name == 'a_full' else 'sparse'
@@ -59,6 +61,8 @@ def train_arguments(name, *, config, workdir, steps, downloads, data_dir, split,
   if name.startswith('d_'):
     arguments += [f'--config.pseudo_labels.threshold={pseudo_threshold}',
                   f'--config.pseudo_labels.warmup_steps={pseudo_warmup_steps}']
+  if name.startswith('e_'):
+    arguments.append(f'--config.loss.unlabelled_background_below={unlabelled_background_below}')
   return arguments + list(overrides)
 
 
@@ -84,8 +88,10 @@ def main():
   parser.add_argument('--out', required=True)
   parser.add_argument('--txl_dir', default='../shared/data/txl_pbc')
   parser.add_argument('--pseudo_threshold', type=float, default=0.95, help='teacher score for a pseudo-label')
+  parser.add_argument('--unlabelled_background_below', type=float, default=0.5,
+                      help='(e): outside the annotated region, a prediction scored under this is background')
   parser.add_argument('--settings', default=','.join(SETTINGS),
-                      help='comma-separated settings to run (default: all four)')
+                      help='comma-separated settings to run (default: all of them)')
   parser.add_argument('--synthetic_patients', type=int, default=20,
                       help='synthetic download: patients of subset H_100x_C1 (the splits are drawn by patient)')
   parser.add_argument('--synthetic_images_per_patient', type=int, default=10)
@@ -119,10 +125,11 @@ def main():
   warmup_steps = int(args.steps * args.pseudo_warmup_fraction)
   for name in settings:
     workdir = os.path.join(args.out, name)
-    _run([py, '-m', 'lld_jax.train'] + train_arguments(
-        name, config=config, workdir=workdir, steps=args.steps, downloads=downloads, data_dir=os.path.join(
-            args.out, 'tfds'), split=split, pseudo_threshold=args.pseudo_threshold, pseudo_warmup_steps=warmup_steps,
-        overrides=args.overrides))  # ends by evaluating the split into WORKDIR/eval/<split>/
+    _run([py, '-m', 'lld_jax.train'] + train_arguments(  # ends by evaluating the split into WORKDIR/eval/<split>/
+        name, config=config, workdir=workdir, steps=args.steps, downloads=downloads,
+        data_dir=os.path.join(args.out, 'tfds'), split=split, pseudo_threshold=args.pseudo_threshold,
+        pseudo_warmup_steps=warmup_steps, unlabelled_background_below=args.unlabelled_background_below,
+        overrides=args.overrides))
     with open(os.path.join(workdir, 'eval', split, 'metrics.json')) as f:
       metrics = json.load(f)
     rows[name] = {key: metrics.get(key) for _, key in METRIC_COLUMNS}

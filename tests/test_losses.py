@@ -111,6 +111,18 @@ def test_region_rule_on_class_loss(loss_type):
   assert per_query['inside'] > 0.1
 
 
+def test_counts_as_background_matches_numpy():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 3, (2, 5, K)).astype(np.float32)
+  in_region = rng.random((2, 5)) < 0.5
+  best = _sigmoid(logits).max(-1)
+  for below in (0.0, 0.3, 0.7, 1.01):
+    expected = in_region | (best < below)
+    np.testing.assert_array_equal(losses.counts_as_background(in_region, logits, below), expected)
+  np.testing.assert_array_equal(losses.counts_as_background(in_region, logits, 0.0), in_region)
+  assert np.asarray(losses.counts_as_background(in_region, logits, 1.01)).all()
+
+
 def test_attribute_loss_ignores_not_applicable():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 3, A, V)).astype(np.float32)
@@ -289,6 +301,30 @@ def test_perfect_prediction_has_lower_loss_than_shifted():
   assert float(perfect_terms['attributes']) < float(random_terms['attributes'])
 
 
+def test_unlabelled_area_is_background_only_below_the_threshold():
+  """loss.unlabelled_background_below: outside the annotated region an unmatched query is a negative while its
+  own score is under the threshold; a confident one stays free, and 0 frees them all."""
+  rng = np.random.default_rng(6)
+  targets = _targets(rng, (0, T))  # image 0 has no labelled cell: every query of it is unmatched
+  outputs = _with_denoising(rng, _outputs(rng, targets), targets)
+  inside, outside_confident, outside_unsure = [0, 1, 2], [3], [4, 5]
+  outputs['pred_boxes'][:, 0, :, :2] = 0.25
+  outputs['pred_boxes'][:, 0, 3:, 0] = 0.75  # the mask annotates the left half
+  outputs['pred_logits'][:, 0] = -3.0
+  outputs['pred_logits'][:, 0, 3, 1] = 4.0
+  gradient_norm = {}
+  for below in (0.0, 0.5):
+    config = _loss_config()
+    config.unlabelled_background_below = below
+    _, _, grads = _run(outputs, targets, config)
+    gradient_norm[below] = np.abs(np.asarray(grads['pred_logits'])[:, 0]).sum((0, 2))
+  for below in (0.0, 0.5):
+    assert (gradient_norm[below][inside] > 0).all(), below
+    assert (gradient_norm[below][outside_confident] == 0).all(), below
+  assert (gradient_norm[0.0][outside_unsure] == 0).all()
+  assert (gradient_norm[0.5][outside_unsure] > 0).all()
+
+
 def test_one_stacked_matching_equals_matching_each_layer_alone():
   """The criterion matches every decoder layer and the proposals in one vmapped assignment; each set's box
   losses must be those of its own independent Hungarian matching."""
@@ -330,9 +366,14 @@ def test_one_to_many_encoder_loss_replaces_proposal_matching_and_respects_the_re
   config.encoder_loss = 'one_to_many'
   differentiable = lambda o: {k: v for k, v in o.items() if k in _FLOAT_KEYS + ('token_logits', 'token_boxes')}
 
-  @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
-  def run(diff, rest, targets):
-    return jax.value_and_grad(lambda d: criterion.detection_loss({**d, **rest}, targets, config), has_aux=True)(diff)
+  def compiled(config):
+    @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+    def run(diff, rest, targets):
+      loss = lambda d: criterion.detection_loss({**d, **rest}, targets, config)
+      return jax.value_and_grad(loss, has_aux=True)(diff)
+    return run
+
+  run = compiled(config)
 
   rest = {k: v for k, v in outputs.items() if k not in differentiable(outputs)}
   (total, terms), grads = run(differentiable(outputs), rest, targets)
@@ -344,6 +385,15 @@ def test_one_to_many_encoder_loss_replaces_proposal_matching_and_respects_the_re
   (_, _), grads = run(differentiable(outputs), rest, unlabelled)
   assert float(jnp.abs(grads['token_logits'][0]).sum()) == 0.0
   assert float(jnp.abs(grads['token_logits'][1]).sum()) > 0.0
+  # Unless unsure tokens there count as background: then those of image 0 learn, its confident ones do not.
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.unlabelled_background_below = 0.5
+  diff = differentiable(outputs)
+  diff['token_logits'] = diff['token_logits'].copy()
+  diff['token_logits'][0, :8, 0] = 4.0
+  (_, _), grads = compiled(config)(diff, rest, unlabelled)
+  token_gradient = np.abs(np.asarray(grads['token_logits'][0])).sum(-1)
+  assert (token_gradient[:8] == 0).all() and (token_gradient[8:] > 0).all()
   with pytest.raises(ValueError, match='per-token outputs'):
     criterion.detection_loss(_outputs(rng, targets), targets, config)
 

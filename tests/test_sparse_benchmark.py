@@ -13,30 +13,34 @@ from repo import load_script
 sparse_benchmark = load_script('sparse_benchmark')
 
 DOWNLOADS = {'full': '/data/full', 'sparse': '/data/sparse'}
-# (dataset.config, loss.region_restricted, pseudo_labels.enabled) that each setting must train with.
+# (dataset.config, loss.region_restricted, pseudo_labels.enabled, loss.unlabelled_background_below) that each
+# setting must train with.
 EXPECTED = {
-    'a_full': ('full', True, False),
-    'b_sparse_as_background': ('sparse', False, False),
-    'c_region_restricted': ('sparse', True, False),
-    'd_region_restricted_pseudo': ('sparse', True, True),
+    'a_full': ('full', True, False, 0.0),
+    'b_sparse_as_background': ('sparse', False, False, 0.0),
+    'c_region_restricted': ('sparse', True, False, 0.0),
+    'd_region_restricted_pseudo': ('sparse', True, True, 0.0),
+    'e_region_restricted_unsure_as_background': ('sparse', True, False, 0.4),
 }
 
 
 def _arguments(name, config, overrides=()):
   return sparse_benchmark.train_arguments(
       name, config=config, workdir=f'/runs/{name}', steps=321, downloads=DOWNLOADS, data_dir='/runs/tfds',
-      split='val', pseudo_threshold=0.7, pseudo_warmup_steps=107, overrides=overrides)
+      split='val', pseudo_threshold=0.7, pseudo_warmup_steps=107, unlabelled_background_below=0.4,
+      overrides=overrides)
 
 
 @pytest.mark.parametrize('config_file', ['configs/txl_pbc.py', 'configs/synthetic_demo.py'])
 def test_settings_configure_what_they_name(config_file):
   assert set(sparse_benchmark.SETTINGS) == set(EXPECTED)
-  for name, (dataset_config, region_restricted, pseudo) in EXPECTED.items():
+  for name, (dataset_config, region_restricted, pseudo, background_below) in EXPECTED.items():
     config = parse_train_config(_arguments(name, config_file))
     assert config['dataset']['config'] == dataset_config, name
     assert config['dataset']['manual_dir'] == DOWNLOADS[dataset_config], name
     assert config['loss']['region_restricted'] is region_restricted, name
     assert config['pseudo_labels']['enabled'] is pseudo, name
+    assert config['loss']['unlabelled_background_below'] == background_below, name
     # One budget for every setting, evaluated once at its end on the fully annotated split.
     assert config['total_steps'] == 321 and config['eval_every_steps'] == 321, name
     assert config['dataset']['eval_split'] == 'val' and config['dataset']['data_dir'] == '/runs/tfds', name
@@ -65,7 +69,7 @@ def test_table_lines():
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--settings=c_region_restricted,e_unknown'], "unknown ['e_unknown']"),
+    (['--settings=c_region_restricted,f_unknown'], "unknown ['f_unknown']"),
     (['--config_seed=1'], 'only --config.key=value overrides pass through'),
 ])
 def test_bad_arguments_are_refused_before_training(tmp_path, argv, message):
