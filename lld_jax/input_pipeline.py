@@ -17,11 +17,12 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from lld_jax.matching import MASK_STRIDE
+
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; the accelerators belong to JAX.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MASK_STRIDE = 8
 
 
 @dataclasses.dataclass(frozen=True)

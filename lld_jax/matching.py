@@ -16,6 +16,9 @@ import optax
 
 from lld_jax import boxes as box_ops
 
+# The annotation mask reaches the loss at 1/MASK_STRIDE of the image's side (input_pipeline makes it); the region
+# rule reads it wherever a box centre falls, so the stride only sets how finely a region's edge is drawn.
+MASK_STRIDE = 8
 OUTSIDE_REGION_PENALTY = 1e3
 PADDED_TARGET_COST = 0.0
 

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from lld_jax import criterion
+from lld_jax import matching
 from lld_jax import param_groups
 from lld_jax import postprocess
 from lld_jax import pseudo_labels
@@ -242,6 +243,6 @@ def random_batch(config, num_devices, num_classes, seed=0):
       'labels': rng.integers(0, num_classes, lead + (t,)).astype(np.int32),
       'attributes': attributes.astype(np.int32),
       'weight': np.ones(lead + (t,), np.float32),
-      'annotation_mask': np.ones(lead + (size // 8,) * 2, np.float32),  # MASK_STRIDE, held by a test
+      'annotation_mask': np.ones(lead + (size // matching.MASK_STRIDE,) * 2, np.float32),
       'num_truncated': np.zeros(lead, np.int32),
   }
