@@ -78,10 +78,11 @@ def counts_as_background(in_region, logits, below=0.0):
   outside it only when its own best class probability (detached) is under `below`.
 
   below = 0 is pure region restriction; below > 1 makes the whole unlabelled area background. In between, the
-  unlabelled area keeps its many right negatives (red cells, and the rare overlapping ones that look like white
-  cells) while a confident prediction there, likely a cell nobody labelled, is left alone; the idea of the
-  background recalibration loss (Zhang et al., 2020) for missing annotations. in_region [..., Q] bool,
-  logits [..., Q, K] sigmoid class logits.
+  unlabelled area keeps its many right negatives (red cells, and the rare overlapping pairs that look like white
+  cells) while a confident prediction there, likely a cell nobody labelled, is left alone. Losses for missing
+  annotations (e.g. the background recalibration loss, Zhang et al., 2020) likewise stop pushing down the
+  background where the model is confident; here such a prediction simply gets no class loss.
+  in_region [..., Q] bool, logits [..., Q, K] sigmoid class logits.
   """
   if not below:
     return in_region
