@@ -34,9 +34,10 @@ def _match_stacked(logits, boxes, targets, weights: matching.CostWeights, attrib
   return jax.vmap(per_set)(logits, boxes, attribute_logits)
 
 
-def _matched_losses(logits, boxes, query_for_target, query_in_region, targets, weights, loss_config, num_boxes):
+def _matched_losses(logits, boxes, query_for_target, query_in_region, targets, weights, loss_config, num_boxes,
+                    background_below):
   """Class and box losses of one set of predictions [B, Q, ...] under a given assignment."""
-  is_background = losses.counts_as_background(query_in_region, logits, loss_config.unlabelled_background_below)
+  is_background = losses.counts_as_background(query_in_region, logits, background_below)
   query_labels, query_boxes, query_weight, is_matched = losses.matched_query_targets(
       query_for_target, targets['labels'], targets['boxes'], targets['weight'], is_background, logits.shape[1])
   quality = box_ops.iou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(query_boxes))
@@ -48,14 +49,14 @@ def _matched_losses(logits, boxes, query_for_target, query_in_region, targets, w
   return {'class': class_sum / num_boxes, 'l1': l1_sum / num_boxes, 'giou': giou_sum / num_boxes}
 
 
-def _denoising_losses(outputs, layer, targets, loss_config, num_boxes):
+def _denoising_losses(outputs, layer, targets, loss_config, num_boxes, background_below):
   """Denoising queries know their target: positives regress it, negatives are "no object"."""
   logits, boxes = outputs['dn_logits'][layer], outputs['dn_boxes'][layer]
   target_index, valid, positive = outputs['dn_target_index'], outputs['dn_valid'], outputs['dn_is_positive']
   target_boxes = losses.gather_queries(targets['boxes'], target_index)
   target_weight = losses.gather_queries(targets['weight'], target_index)
   in_region = jax.vmap(matching.points_in_mask)(boxes[..., :2], targets['annotation_mask'])
-  is_background = losses.counts_as_background(in_region, logits, loss_config.unlabelled_background_below)
+  is_background = losses.counts_as_background(in_region, logits, background_below)
   query_weight = jnp.where(positive, target_weight, jnp.where(valid & is_background, 1.0, 0.0))
   quality = jnp.where(positive & valid, box_ops.iou(box_ops.cxcywh_to_xyxy(boxes),
                                                    box_ops.cxcywh_to_xyxy(target_boxes)), 0.0)
@@ -69,12 +70,11 @@ def _denoising_losses(outputs, layer, targets, loss_config, num_boxes):
   return {'class': class_sum / normalizer, 'l1': l1_sum / normalizer, 'giou': giou_sum / normalizer}
 
 
-def _token_losses(outputs, targets, loss_config, axis_name):
+def _token_losses(outputs, targets, loss_config, axis_name, background_below):
   """One-to-many losses of every encoder token (see dense_assignment): usable tokens are negatives unless assigned
   where `losses.counts_as_background` says so; elsewhere they count only where a (pseudo) target takes them."""
   in_region = jax.vmap(matching.points_in_mask)(outputs['token_centres'], targets['annotation_mask'])
-  is_background = losses.counts_as_background(in_region, outputs['token_logits'],
-                                              loss_config.unlabelled_background_below)
+  is_background = losses.counts_as_background(in_region, outputs['token_logits'], background_below)
   token_weight = (outputs['token_usable'] & is_background).astype(jnp.float32)
   per_image = jax.vmap(lambda *a: dense_assignment.dense_losses(*a, top_k=loss_config.dense_top_k))(
       outputs['token_logits'], outputs['token_boxes'], outputs['token_centres'], token_weight, targets['labels'],
@@ -121,11 +121,9 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
   boxes = [outputs['pred_boxes'][i] for i in matched_layers]
   if loss_config.encoder_loss not in ('one_to_many', 'one_to_one'):
     raise ValueError(f'loss.encoder_loss={loss_config.encoder_loss!r}: expected one_to_many or one_to_one')
-  if loss_config.encoder_loss == 'one_to_many':
-    if 'token_logits' not in outputs:
-      raise ValueError('loss.encoder_loss=one_to_many needs the per-token outputs of a train-mode forward pass')
-    terms.update(_token_losses(outputs, targets, loss_config, axis_name))
-  elif 'enc_logits' in outputs:
+  if loss_config.encoder_loss == 'one_to_many' and 'token_logits' not in outputs:
+    raise ValueError('loss.encoder_loss=one_to_many needs the per-token outputs of a train-mode forward pass')
+  if loss_config.encoder_loss == 'one_to_one' and 'enc_logits' in outputs:
     names.append('encoder')
     logits.append(outputs['enc_logits'])
     boxes.append(outputs['enc_boxes'])
@@ -142,15 +140,21 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
     single = _match_stacked(logits[final][None], boxes[final][None], targets, weights,
                             outputs['attribute_logits'][None])
     assignments[final], in_region[final] = single[0][0], single[1][0]
+  final_assignment = assignments[final]
+  background_below = loss_config.unlabelled_background_below
+  if loss_config.unlabelled_background_relative:
+    background_below *= losses.labelled_cell_score(logits[final], final_assignment, targets, axis_name)
+  if loss_config.encoder_loss == 'one_to_many':
+    terms.update(_token_losses(outputs, targets, loss_config, axis_name, background_below))
   for i, name in enumerate(names):
     for term, value in _matched_losses(logits[i], boxes[i], assignments[i], in_region[i], targets, weights,
-                                       loss_config, num_boxes).items():
+                                       loss_config, num_boxes, background_below).items():
       terms[f'{term}/{name}'] = value
   if 'dn_logits' in outputs:
     for layer in matched_layers:
-      for term, value in _denoising_losses(outputs, layer, targets, loss_config, num_boxes).items():
+      for term, value in _denoising_losses(outputs, layer, targets, loss_config, num_boxes,
+                                           background_below).items():
         terms[f'dn_{term}/layer{layer}'] = value
-  final_assignment = assignments[final]
 
   terms['attributes'] = _cell_cross_entropy(outputs['attribute_logits'], outputs.get('dn_attribute_logits'),
                                             targets['attributes'], final_assignment, outputs, targets, axis_name)

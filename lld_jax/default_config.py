@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   # With region_restricted: outside the annotated region an unmatched prediction is background when its own best
   # class probability is under this (losses.counts_as_background). 0: never (neither positive nor negative).
   c.loss.unlabelled_background_below = 0.0
+  # True: that threshold is a fraction of the mean score the model gives the labelled cells' own classes in the
+  # batch (losses.labelled_cell_score), so it follows the model's confidence as training goes.
+  c.loss.unlabelled_background_relative = False
   c.loss.cost_class = 2.0
   c.loss.cost_l1 = 5.0
   c.loss.cost_giou = 2.0

@@ -84,10 +84,25 @@ def counts_as_background(in_region, logits, below=0.0):
   background where the model is confident; here such a prediction simply gets no class loss.
   in_region [..., Q] bool, logits [..., Q, K] sigmoid class logits.
   """
-  if not below:
-    return in_region
   probability = jax.nn.sigmoid(jax.lax.stop_gradient(logits).astype(jnp.float32)).max(-1)
   return in_region | (probability < below)
+
+
+def labelled_cell_score(logits, query_for_target, targets, axis_name=None):
+  """Mean probability (detached) that the queries matched to labelled cells give their cell's class: how sure the
+  model is of the cells it was shown. logits [B, Q, K]; query_for_target [B, T]; targets: labels [B, T],
+  weight [B, T], optionally is_pseudo [B, T] (pseudo-labels are not counted). Averaged over all devices of
+  `axis_name`; 1 where no cell is labelled."""
+  probability = jax.nn.sigmoid(jax.lax.stop_gradient(logits).astype(jnp.float32))
+  matched = gather_queries(probability, query_for_target)  # [B, T, K]
+  own_class = jnp.take_along_axis(matched, targets['labels'][..., None], -1)[..., 0]
+  labelled = targets['weight'] > 0
+  if 'is_pseudo' in targets:
+    labelled &= ~targets['is_pseudo']
+  total, count = (own_class * labelled).sum(), labelled.sum().astype(jnp.float32)
+  if axis_name is not None:
+    total, count = jax.lax.psum(total, axis_name), jax.lax.psum(count, axis_name)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 1.0)
 
 
 def matched_query_targets(query_for_target, target_labels, target_boxes, target_weight, query_is_background,

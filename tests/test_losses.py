@@ -123,6 +123,20 @@ def test_counts_as_background_matches_numpy():
   assert np.asarray(losses.counts_as_background(in_region, logits, 1.01)).all()
 
 
+def test_labelled_cell_score_matches_numpy():
+  rng = np.random.default_rng(8)
+  logits = rng.normal(0, 2, (2, 5, K)).astype(np.float32)
+  query_for_target = np.array([[3, 0, 1], [4, 2, 0]], np.int32)
+  targets = dict(labels=np.array([[2, 0, 1], [1, 1, 0]], np.int32), weight=np.array([[1, 1, 0.1], [1, 0, 0]],
+                                                                                     np.float32),
+                 is_pseudo=np.array([[False, False, True], [False, False, False]]))
+  probability = _sigmoid(logits)
+  expected = np.mean([probability[0, 3, 2], probability[0, 0, 0], probability[1, 4, 1]])  # no pseudo, no padding
+  np.testing.assert_allclose(losses.labelled_cell_score(logits, query_for_target, targets), expected, rtol=1e-6)
+  no_cells = dict(targets, weight=np.zeros((2, 3), np.float32))
+  assert float(losses.labelled_cell_score(logits, query_for_target, no_cells)) == 1.0
+
+
 def test_attribute_loss_ignores_not_applicable():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 3, A, V)).astype(np.float32)
@@ -323,6 +337,17 @@ def test_unlabelled_area_is_background_only_below_the_threshold():
     assert (gradient_norm[below][outside_confident] == 0).all(), below
   assert (gradient_norm[0.0][outside_unsure] == 0).all()
   assert (gradient_norm[0.5][outside_unsure] > 0).all()
+  # Relative to the labelled cells' scores (image 1's): as unsure as those cells, a query there is left alone;
+  # much less sure than them, it is background.
+  config = _loss_config()
+  config.unlabelled_background_below = 0.5
+  config.unlabelled_background_relative = True
+  for labelled_logit, counts in ((-3.0, False), (4.0, True)):
+    outputs['pred_logits'][:, 1] = labelled_logit
+    _, _, grads = _run(outputs, targets, config)
+    gradient = np.abs(np.asarray(grads['pred_logits'])[:, 0]).sum((0, 2))
+    assert (gradient[outside_unsure] > 0).all() == counts, labelled_logit
+    assert (gradient[outside_confident] == 0).all() and (gradient[inside] > 0).all()
 
 
 def test_one_stacked_matching_equals_matching_each_layer_alone():
