@@ -5,7 +5,8 @@ r"""The sparse-annotation benchmark: four settings trained with the same budget,
 
 Settings: (a) full labels; (b) sparse labels with the unlabelled area as background; (c) region-restricted matching;
 (d) (c) + pseudo-labels; (e) (c), with the unlabelled area's unsure predictions (own score under
-`--unlabelled_background_below`) as background (`loss.unlabelled_background_below`). For `synthetic`, one synthetic download is written in the YOLO layout (full) and one in the
+`--unlabelled_background_below`) as background (`loss.unlabelled_background_below`); (f) as (e), the threshold a
+fraction of the labelled cells' mean score (`loss.unlabelled_background_relative`). For `synthetic`, one synthetic download is written in the YOLO layout (full) and one in the
 sparse layout from the same seed (the same images; 20 patients of 10 fields unless `--synthetic_patients` and
 `--synthetic_images_per_patient` say otherwise; downloads already in OUT are used as they are), and every setting is
 evaluated on the fully annotated test split. For `txl_pbc`, the `sparse` builder config simulates the sparse train
@@ -29,6 +30,8 @@ SETTINGS = {
     'c_region_restricted': ['--config.dataset.config=sparse'],
     'd_region_restricted_pseudo': ['--config.dataset.config=sparse', '--config.pseudo_labels.enabled=True'],
     'e_region_restricted_unsure_as_background': ['--config.dataset.config=sparse'],
+    'f_region_restricted_relatively_unsure_as_background': ['--config.dataset.config=sparse',
+                                                            '--config.loss.unlabelled_background_relative=True'],
 }
 
 
@@ -61,7 +64,7 @@ def train_arguments(name, *, config, workdir, steps, downloads, data_dir, split,
   if name.startswith('d_'):
     arguments += [f'--config.pseudo_labels.threshold={pseudo_threshold}',
                   f'--config.pseudo_labels.warmup_steps={pseudo_warmup_steps}']
-  if name.startswith('e_'):
+  if name.startswith(('e_', 'f_')):
     arguments.append(f'--config.loss.unlabelled_background_below={unlabelled_background_below}')
   return arguments + list(overrides)
 
@@ -89,7 +92,8 @@ def main():
   parser.add_argument('--txl_dir', default='../shared/data/txl_pbc')
   parser.add_argument('--pseudo_threshold', type=float, default=0.95, help='teacher score for a pseudo-label')
   parser.add_argument('--unlabelled_background_below', type=float, default=0.5,
-                      help='(e): outside the annotated region, a prediction scored under this is background')
+                      help='(e): outside the annotated region, a prediction scored under this is background; '
+                      '(f): under this fraction of the mean score of the labelled cells')
   parser.add_argument('--settings', default=','.join(SETTINGS),
                       help='comma-separated settings to run (default: all of them)')
   parser.add_argument('--synthetic_patients', type=int, default=20,
