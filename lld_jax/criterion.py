@@ -105,7 +105,8 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
 
   targets: labels [B, T], boxes [B, T, 4] normalized cxcywh, attributes [B, T, A] (-1 = n/a), weight [B, T]
   (1 real, pseudo-label weight, 0 padding), annotation_mask [B, h, w], optionally is_pseudo [B, T].
-  loss_config: class_loss, class/l1/giou/attribute weights, aux_loss, matcher cost weights.
+  loss_config: class_loss, class/l1/giou/attribute weights, aux_loss, matcher cost weights, and the rule for
+  predictions in the unlabelled area (unlabelled_background_below, unlabelled_background_relative).
   """
   weights = matching.CostWeights(
       class_weight=loss_config.cost_class, l1_weight=loss_config.cost_l1, giou_weight=loss_config.cost_giou,
