@@ -1,4 +1,4 @@
-r"""The sparse-annotation benchmark: four settings trained with the same budget, evaluated on full labels.
+r"""The sparse-annotation benchmark: the paper's four settings and two variants, one budget, evaluated on full labels.
 
   python scripts/sparse_benchmark.py --dataset=synthetic --steps=2000 --out=runs/sparse_synthetic
   python scripts/sparse_benchmark.py --dataset=txl_pbc --steps=2000 --out=runs/sparse_txl [--config.key=value ...]
@@ -6,14 +6,15 @@ r"""The sparse-annotation benchmark: four settings trained with the same budget,
 Settings: (a) full labels; (b) sparse labels with the unlabelled area as background; (c) region-restricted matching;
 (d) (c) + pseudo-labels; (e) (c), with the unlabelled area's unsure predictions (own score under
 `--unlabelled_background_below`) as background (`loss.unlabelled_background_below`); (f) as (e), the threshold a
-fraction of the labelled cells' mean score (`loss.unlabelled_background_relative`). For `synthetic`, one synthetic download is written in the YOLO layout (full) and one in the
-sparse layout from the same seed (the same images; 20 patients of 10 fields unless `--synthetic_patients` and
-`--synthetic_images_per_patient` say otherwise; downloads already in OUT are used as they are), and every setting is
-evaluated on the fully annotated test split. For `txl_pbc`, the `sparse` builder config simulates the sparse train
-split and every setting is evaluated on the fully annotated val split. Pseudo-labels start after a third of the
-budget (`--pseudo_warmup_fraction`), at the score threshold `--pseudo_threshold`. Writes OUT/table.md and
-OUT/table.json: mAP, the detections' AP as one class (`cells/AP50`: finding the cells, whatever they are named),
-attribute F1, and the mean number of pseudo-labels per step in (d) after its warm-up.
+fraction of the labelled cells' mean score (`loss.unlabelled_background_relative`). For `synthetic`, one synthetic
+download is written in the YOLO layout (full) and one in the sparse layout from the same seed (the same images; 20
+patients of 10 fields unless `--synthetic_patients` and `--synthetic_images_per_patient` say otherwise; downloads
+already in OUT are used as they are), and every setting is evaluated on the fully annotated test split. For
+`txl_pbc`, the `sparse` builder config simulates the sparse train split and every setting is evaluated on the fully
+annotated val split. Pseudo-labels start after a third of the budget (`--pseudo_warmup_fraction`), at the score
+threshold `--pseudo_threshold`. Writes OUT/table.md and OUT/table.json: mAP, the detections' AP as one class
+(`cells/AP50`: finding the cells, whatever they are named), attribute F1, and the mean number of pseudo-labels per
+step in (d) after its warm-up.
 """
 
 import argparse
