@@ -1,8 +1,9 @@
-r"""Evaluation: `python -m lld_jax.evaluate --config=configs/NAME.py --workdir=DIR [--split=test]`.
+r"""Evaluation: `python -m lld_jax.evaluate --workdir=DIR [--config=configs/NAME.py ...] [--split=test]`.
 
 Restores the best checkpoint of DIR (else the latest), predicts on the split and writes
 DIR/eval/<split>/metrics.json (COCO mAP via pycocotools, attribute metrics under the strict and the paper
-protocol, per-domain mAP) with precision-recall, attribute-confusion and per-domain plots beside it.
+protocol, per-domain mAP) with precision-recall, attribute-confusion and per-domain plots beside it, and the
+scored detections in predictions.json. Without --config, the run's own DIR/config.json is used.
 Images with an annotation mask are scored only inside it.
 """
 
@@ -76,19 +77,57 @@ def evaluate_split(model, state, builder, split, config) -> metrics_lib.Evaluati
   predictions = predict_split(model, state, builder, split, config)
   if len(predictions) != len(truths):
     raise RuntimeError(f'evaluation lost images: {len(truths)} in {split}, {len(predictions)} predicted')
-  info = input_pipeline.dataset_info(builder)
-  return metrics_lib.evaluate_full(
-      truths, predictions, info.class_names, lld_format.ATTRIBUTE_NAMES,
-      attribute_score_threshold=config.eval.attribute_score_threshold,
-      max_dets=(1, 10, max(100, config.eval.max_detections)))
+  return score_predictions(truths, predictions, input_pipeline.dataset_info(builder).class_names, config)
+
+
+def max_dets(config):
+  """COCOeval's maxDets for the config: AP reads the last, which must not cut the detections the config keeps."""
+  return (1, 10, max(100, config.eval.max_detections))
+
+
+def score_predictions(truths, predictions, class_names, config) -> metrics_lib.EvaluationResult:
+  return metrics_lib.evaluate_full(truths, predictions, class_names, lld_format.ATTRIBUTE_NAMES,
+                                   attribute_score_threshold=config.eval.attribute_score_threshold,
+                                   max_dets=max_dets(config))
 
 
 def write_evaluation(result, out_dir):
+  """metrics.json, the plots, and predictions.json (what was scored, for `scripts/paired_bootstrap.py`)."""
   os.makedirs(out_dir, exist_ok=True)
   clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in result.metrics.items()}
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(clean, f, indent=2, sort_keys=True)
+  write_predictions(result.predictions, os.path.join(out_dir, 'predictions.json'))
   plots.write_evaluation_plots(result, out_dir)
+
+
+PREDICTION_FIELDS = ('boxes', 'scores', 'labels', 'attributes', 'cell_scores')
+
+
+def write_predictions(predictions, path):
+  """One record per image: its id (the position in the split) and its detections, boxes xyxy in original pixels."""
+  records = [{'image_id': p.image_id, **{k: None if getattr(p, k) is None else np.asarray(getattr(p, k)).tolist()
+                                         for k in PREDICTION_FIELDS}} for p in predictions]
+  with open(path, 'w') as f:
+    json.dump(records, f)
+
+
+def read_predictions(path) -> list[metrics_lib.ImagePrediction]:
+  """What `write_predictions` wrote."""
+  with open(path) as f:
+    records = json.load(f)
+  as_array = lambda value, dtype, shape: np.zeros(shape, dtype) if not value else np.asarray(value, dtype)
+  predictions = []
+  for record in records:
+    missing = {'image_id', *PREDICTION_FIELDS} - set(record)
+    if missing:
+      raise ValueError(f'{path}: image {record.get("image_id")!r} lacks {sorted(missing)}')
+    predictions.append(metrics_lib.ImagePrediction(
+        image_id=record['image_id'], boxes=as_array(record['boxes'], np.float64, (0, 4)),
+        scores=as_array(record['scores'], np.float64, (0,)), labels=as_array(record['labels'], np.int64, (0,)),
+        attributes=np.asarray(record['attributes'], np.int64),
+        cell_scores=None if record['cell_scores'] is None else np.asarray(record['cell_scores'], np.float64)))
+  return predictions
 
 
 def checkpoint_manager(workdir, config):
@@ -118,7 +157,8 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file('config', None, 'Configuration file used for training.', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, 'Configuration file used for training (default: the config the '
+                                  'run saved in DIR/config.json).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Training directory with checkpoints.')
   flags.DEFINE_string('split', None, 'Split to evaluate (default: config.dataset.eval_split).')
 
@@ -126,6 +166,9 @@ def _define_flags():
 def main(argv):
   del argv
   config = FLAGS.config
+  if config is None:
+    from lld_jax import predict
+    config = predict.load_config(FLAGS.workdir)
   split = FLAGS.split or config.dataset.eval_split
   builder = input_pipeline.load_builder(config.dataset.name, config.dataset.config,
                                         config.dataset.data_dir or None, config.dataset.manual_dir or None)
@@ -141,5 +184,5 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -93,6 +93,7 @@ class EvaluationResult:
   recall_thresholds: np.ndarray  # [R]
   # Keyed by (protocol, attribute name), protocols 'strict' and 'paper', every attribute (scored or not).
   confusions: dict[tuple[str, str], AttributeConfusion]
+  predictions: tuple[ImagePrediction, ...] = ()  # what was scored, as given
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,23 +256,28 @@ def _run_cocoeval(gt: COCO, dt: COCO, img_ids: list[int], max_dets: Sequence[int
   return ev
 
 
-def _accumulate_subset(ev: COCOeval, img_ids: Sequence[int]) -> np.ndarray:
-  """[T, R, K] precision over a subset of the evaluated images, reusing ev's per-image results.
+def _accumulate_images(ev: COCOeval, positions: Sequence[int]) -> np.ndarray:
+  """[T, R, K] precision over the evaluated images at `positions` (0-based, in ev's image order; an image listed
+  twice counts twice), reusing ev's per-image results instead of matching again.
 
-  accumulate(p) with a subset of imgIds indexes evalImgs wrongly in pycocotools, so instead the per-image entries of
-  the other images are blanked (accumulate skips None entries) and restored afterwards.
+  pycocotools' accumulate reads evalImgs as [category][area range][image] over `_paramsEval.imgIds`, so the
+  per-image entries are laid out again for the listed images, and everything is restored afterwards. Only the
+  area range 'all' (the first) and the largest maxDets are accumulated: the others are never read here.
   """
-  all_ids = list(ev._paramsEval.imgIds)
-  keep = np.isin(np.asarray(all_ids), np.asarray(list(img_ids)))
-  full, saved_eval = ev.evalImgs, ev.eval
-  n = len(all_ids)
-  ev.evalImgs = [e if keep[i % n] else None for i, e in enumerate(full)]
+  params, params_eval = ev.params, ev._paramsEval
+  num_images = len(params_eval.imgIds)
+  num_blocks = len(ev.evalImgs) // num_images  # categories x area ranges
+  positions = [int(i) for i in positions]
+  saved = ev.evalImgs, ev.eval, params_eval.imgIds, params.imgIds, params.areaRng, params.maxDets
+  ev.evalImgs = [saved[0][block * num_images + i] for block in range(num_blocks) for i in positions]
+  params_eval.imgIds = params.imgIds = list(range(1, len(positions) + 1))
+  params.areaRng, params.maxDets = params.areaRng[:1], params.maxDets[-1:]
   try:
     with contextlib.redirect_stdout(io.StringIO()):
       ev.accumulate()
     return _coco_precision(ev)
   finally:
-    ev.evalImgs, ev.eval = full, saved_eval
+    ev.evalImgs, ev.eval, params_eval.imgIds, params.imgIds, params.areaRng, params.maxDets = saved
 
 
 def _coco_precision(ev: COCOeval) -> np.ndarray:
@@ -469,7 +475,7 @@ def evaluate_full(truths: Sequence[ImageTruth], predictions: Sequence[ImagePredi
   for i, im in enumerate(images):
     domains.setdefault(str(im.truth.domain), []).append(i + 1)
   for domain in sorted(domains):
-    d50, d, _, _ = _ap_metrics(_accumulate_subset(ev, domains[domain]), iou_thr)
+    d50, d, _, _ = _ap_metrics(_accumulate_images(ev, [i - 1 for i in domains[domain]]), iou_thr)
     if not np.isnan(d50):
       metrics[f'domains/{domain}/mAP50'] = d50
       metrics[f'domains/{domain}/mAP50_95'] = d
@@ -495,7 +501,30 @@ def evaluate_full(truths: Sequence[ImageTruth], predictions: Sequence[ImagePredi
   metrics['attributes/paper/num_truths_dropped'] = float(dropped_cells)
 
   return EvaluationResult(metrics=metrics, class_names=class_names, precision=precision, iou_thresholds=iou_thr,
-                          recall_thresholds=np.asarray(ev.params.recThrs), confusions=confusions)
+                          recall_thresholds=np.asarray(ev.params.recThrs), confusions=confusions,
+                          predictions=tuple(predictions))
+
+
+def resampled_ap50(truths: Sequence[ImageTruth], predictions: Sequence[ImagePrediction], class_names: Sequence[str],
+                   attribute_names: Sequence[str], image_indices, *,
+                   max_dets: Sequence[int] = DEFAULT_MAX_DETS) -> dict[str, np.ndarray]:
+  """`mAP50` and `cells/AP50` [S] of S resamples of the images, as `evaluate` scores them.
+
+  image_indices [S, n]: each row lists positions in `truths` (repeats allowed: a bootstrap resample draws images
+  with replacement). Every image is matched once; each row only re-accumulates, so thousands of resamples are cheap.
+  Resample all runs with the same rows to compare them paired.
+  """
+  images = _prepare(truths, predictions, len(class_names), len(attribute_names))
+  all_ids = list(range(1, len(images) + 1))
+  by_class = _run_cocoeval(*_build_cocos(images, len(class_names)), all_ids, max_dets)
+  cells = _run_cocoeval(*_build_cocos(_class_agnostic(images), 1), all_ids, max_dets)
+  iou_thr = np.asarray(by_class.params.iouThrs)
+  rows = np.asarray(image_indices, np.int64)
+  if rows.ndim != 2 or (rows.size and (rows.min() < 0 or rows.max() >= len(images))):
+    raise ValueError(f'image_indices must be [S, n] positions in 0..{len(images) - 1}, got shape {rows.shape}')
+  ap50 = lambda ev, row: _ap_metrics(_accumulate_images(ev, row), iou_thr)[0]
+  return {'mAP50': np.array([ap50(by_class, row) for row in rows]),
+          'cells/AP50': np.array([ap50(cells, row) for row in rows])}
 
 
 def evaluate(truths: Sequence[ImageTruth], predictions: Sequence[ImagePrediction], class_names: Sequence[str],

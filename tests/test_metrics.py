@@ -1,6 +1,7 @@
 """Tests for lld_jax.metrics and lld_jax.plots (hand-made cases, checked against pycocotools)."""
 
 import contextlib
+import dataclasses
 import io
 import math
 
@@ -137,6 +138,40 @@ def test_matches_pycocotools_directly():
     assert m[f'domains/{d}/mAP50'] == pytest.approx(sub['mAP50'])
     assert m[f'domains/{d}/mAP50_95'] == pytest.approx(sub['mAP50_95'])
     assert m[f'domains/{d}/mAP50'] != pytest.approx(m['mAP50'])
+
+
+def _random_case(rng, num_images):
+  truths, preds = [], []
+  for i in range(num_images):
+    n = int(rng.integers(0, 6))
+    xy = rng.uniform(0, 150, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 50, (n, 2))], 1)
+    labels = rng.integers(0, 3, n)
+    found = boxes + rng.normal(0, 5, boxes.shape)
+    named = np.where(rng.random(n) < 0.7, labels, (labels + 1) % 3)
+    spurious = rng.uniform(0, 150, (2, 2))
+    dboxes = np.concatenate([found, np.concatenate([spurious, spurious + 30], 1)])
+    truths.append(truth(f'im{i}', boxes, labels))
+    preds.append(pred(f'im{i}', dboxes, rng.random(len(dboxes)), np.concatenate([named, rng.integers(0, 3, 2)])))
+  return truths, preds
+
+
+def test_resampled_ap50_equals_evaluating_the_resampled_images():
+  rng = np.random.default_rng(3)
+  truths, preds = _random_case(rng, 8)
+  rows = np.stack([np.arange(8), rng.integers(0, 8, 8), rng.integers(0, 3, 8), np.array([2, 2, 2, 5, 5, 0, 1, 7])])
+  found = M.resampled_ap50(truths, preds, CLASSES, ATTRS, rows)
+  for s, row in enumerate(rows):
+    # The reference: a new dataset in which each listed image is a distinct copy.
+    copies = [(dataclasses.replace(truths[i], image_id=f'{k}'), dataclasses.replace(preds[i], image_id=f'{k}'))
+              for k, i in enumerate(row)]
+    expected = run([t for t, _ in copies], [p for _, p in copies])
+    assert found['mAP50'][s] == pytest.approx(expected['mAP50'], nan_ok=True)
+    assert found['cells/AP50'][s] == pytest.approx(expected['cells/AP50'])
+  assert found['mAP50'][0] == pytest.approx(run(truths, preds)['mAP50'])
+  assert len(set(np.round(found['mAP50'], 6))) > 1  # the resamples differ
+  with pytest.raises(ValueError, match='positions'):
+    M.resampled_ap50(truths, preds, CLASSES, ATTRS, [[0, 8]])
 
 
 def test_mask_rule():

@@ -47,6 +47,12 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   for key in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper',
               'domains/H_100x_C1/mAP50'):
     assert key in metrics
+  # predictions.json holds what was scored: scoring it again gives the same metrics.
+  saved = evaluate.read_predictions(os.path.join(interrupted_dir, 'eval', 'test', 'predictions.json'))
+  assert [p.image_id for p in saved] == [p.image_id for p in result.predictions]
+  again = evaluate.score_predictions(evaluate.ground_truth(builder, 'test'), saved, result.class_names, config)
+  for key in ('mAP50', 'cells/AP50', 'attributes/mean_f1_strict'):
+    assert again.metrics[key] == pytest.approx(metrics[key], nan_ok=True)
 
   from lld_jax import predict
   images = sorted((tiny_download / 'download' / 'H_100x_C1' / 'Images' / 'test').glob('*.png'))
