@@ -14,7 +14,9 @@ already in OUT are used as they are), and every setting is evaluated on the full
 annotated val split. Pseudo-labels start after a third of the budget (`--pseudo_warmup_fraction`), at the score
 threshold `--pseudo_threshold`. Writes OUT/table.md and OUT/table.json: mAP, the detections' AP as one class
 (`cells/AP50`: finding the cells, whatever they are named), attribute F1, and the mean number of pseudo-labels per
-step in (d) after its warm-up.
+step in (d) after its warm-up. When OUT holds two evaluated settings or more (from this call or earlier ones),
+OUT/bootstrap.md and .json compare each with (b), paired over resamples of the evaluated images
+(`scripts/paired_bootstrap.py`): a difference and its 95 % interval.
 """
 
 import argparse
@@ -147,6 +149,27 @@ def main():
   with open(os.path.join(args.out, 'table.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
+  evaluated = [name for name in SETTINGS  # this call's and earlier calls' in OUT
+               if os.path.exists(os.path.join(args.out, name, 'eval', split, 'predictions.json'))]
+  compared = bootstrap_order(evaluated)
+  if compared:  # is each setting's lead over (b) more than the luck of the test images?
+    result = subprocess.run(
+        [py, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paired_bootstrap.py'), f'--split={split}',
+         '--runs=' + ','.join(os.path.join(args.out, name) for name in compared),
+         f'--out={os.path.join(args.out, "bootstrap.json")}'], check=True, capture_output=True, text=True)
+    with open(os.path.join(args.out, 'bootstrap.md'), 'w') as f:
+      f.write(result.stdout)
+    print(result.stdout)
+
+
+def bootstrap_order(settings):
+  """The settings for `paired_bootstrap.py`, the baseline first: (b), the plain detector, when it ran, else the
+  first in SETTINGS order. Empty for fewer than two settings."""
+  ran = [name for name in SETTINGS if name in settings]
+  if len(ran) < 2:
+    return []
+  base = 'b_sparse_as_background' if 'b_sparse_as_background' in ran else ran[0]
+  return [base] + [name for name in ran if name != base]
 
 
 if __name__ == '__main__':

@@ -51,6 +51,14 @@ def test_settings_configure_what_they_name(config_file):
       assert config['pseudo_labels']['warmup_steps'] == 107
 
 
+def test_bootstrap_compares_with_the_plain_detector_first():
+  order = sparse_benchmark.bootstrap_order(['a_full', 'c_region_restricted', 'b_sparse_as_background'])
+  assert order == ['b_sparse_as_background', 'a_full', 'c_region_restricted']
+  assert sparse_benchmark.bootstrap_order(['d_region_restricted_pseudo', 'c_region_restricted']) == [
+      'c_region_restricted', 'd_region_restricted_pseudo']
+  assert sparse_benchmark.bootstrap_order(['c_region_restricted']) == []
+
+
 def test_user_overrides_come_last_and_win():
   config = parse_train_config(_arguments('d_region_restricted_pseudo', 'configs/txl_pbc.py',
                                          ['--config.seed=3', '--config.pseudo_labels.threshold=0.9']))
