@@ -7,7 +7,8 @@ Each run's final evaluation left `eval/<split>/predictions.json` (`python -m lld
 writes it again for an older run). Every run is scored on the same resamples of the split's images, drawn with
 replacement (`metrics.resampled_ap50`), so a test image that is easy or hard for all runs alike moves all of them
 together. For each run: mAP50 and cells AP50 with a 95 % percentile interval; for each later run against the
-first: the difference, its interval, and the share of resamples in which the later run is ahead. The ground truth
+first: the difference, its interval, the share of resamples in which the later run is ahead, and the ratio (later
+over first, e.g. a sparse setting over full labels) with its interval. The ground truth
 is read from each run's config.json (dataset name, config and data_dir); all runs must have scored the same images.
 The interval covers the test set's sampling only, not the training seed's spread: run seeds for that.
 """
@@ -41,19 +42,26 @@ def compare(values, samples, names):
     rows.append({'run': f'{name} - {first}', **{
         m: {'value': values[name][m] - values[first][m],
             'interval': interval(samples[name][m] - samples[first][m]),
-            'share_ahead': float(np.mean(samples[name][m] > samples[first][m]))} for m in METRICS}})
+            'share_ahead': float(np.mean(samples[name][m] > samples[first][m])),
+            'ratio': values[name][m] / values[first][m],
+            'ratio_interval': interval(samples[name][m] / samples[first][m])} for m in METRICS}})
   return rows
 
 
 def table_lines(rows):
-  lines = ['| run | mAP50 [95 % interval] | cells AP50 [95 % interval] | resamples ahead (mAP50 / cells) |',
-           '|---|---|---|---|']
+  lines = ['| run | mAP50 [95 % interval] | cells AP50 [95 % interval] | resamples ahead (mAP50 / cells) | '
+           'ratio in mAP50 [95 % interval] |', '|---|---|---|---|---|']
   for row in rows:
-    cells = [f'{row[m]["value"]:+.3f} [{row[m]["interval"][0]:+.3f}, {row[m]["interval"][1]:+.3f}]'
-             if 'share_ahead' in row[m] else
-             f'{row[m]["value"]:.3f} [{row[m]["interval"][0]:.3f}, {row[m]["interval"][1]:.3f}]' for m in METRICS]
-    ahead = (' / '.join(f'{row[m]["share_ahead"]:.0%}' for m in METRICS)) if 'share_ahead' in row['mAP50'] else ''
-    lines.append(f'| {row["run"]} | {cells[0]} | {cells[1]} | {ahead} |')
+    compared = 'share_ahead' in row['mAP50']
+    sign = '+' if compared else ''
+    cells = [f'{row[m]["value"]:{sign}.3f} [{row[m]["interval"][0]:{sign}.3f}, {row[m]["interval"][1]:{sign}.3f}]'
+             for m in METRICS]
+    ahead = ' / '.join(f'{row[m]["share_ahead"]:.0%}' for m in METRICS) if compared else ''
+    ratio = ''
+    if compared:
+      low, high = row['mAP50']['ratio_interval']
+      ratio = f'{row["mAP50"]["ratio"]:.3f} [{low:.3f}, {high:.3f}]'
+    lines.append(f'| {row["run"]} | {cells[0]} | {cells[1]} | {ahead} | {ratio} |')
   return lines
 
 

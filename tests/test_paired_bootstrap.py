@@ -26,6 +26,9 @@ def test_differences_are_paired_by_resample():
   assert 0.005 < difference['interval'][0] < difference['interval'][1] < 0.035
   assert difference['share_ahead'] == pytest.approx(np.mean(lead > 0)) and difference['share_ahead'] > 0.99
   assert rows[2]['cells/AP50']['share_ahead'] < 0.01
+  assert difference['ratio'] == pytest.approx(0.52 / 0.5)
+  assert difference['ratio_interval'] == pytest.approx(
+      tuple(np.percentile((shared + lead) / shared, [2.5, 97.5])))
   lines = paired_bootstrap.table_lines(rows)
   assert len(lines) == 5 and '+0.020' in lines[4] and '-0.020' in lines[4]
 
