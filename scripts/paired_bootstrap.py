@@ -8,9 +8,9 @@ writes it again for an older run). Every run is scored on the same resamples of 
 replacement (`metrics.resampled_ap50`), so a test image that is easy or hard for all runs alike moves all of them
 together. For each run: mAP50 and cells AP50 with a 95 % percentile interval; for each later run against the
 first: the difference, its interval, the share of resamples in which the later run is ahead, and the ratio (later
-over first, e.g. a sparse setting over full labels) with its interval. The ground truth
-is read from each run's config.json (dataset name, config and data_dir); all runs must have scored the same images.
-The interval covers the test set's sampling only, not the training seed's spread: run seeds for that.
+over first, e.g. a sparse setting over full labels) with its interval. The ground truth is read from each run's
+config.json (dataset name, config and data_dir); all runs must have scored the same images. The interval covers
+the test set's sampling only, not the training seed's spread: run seeds for that.
 """
 
 import argparse
@@ -97,7 +97,7 @@ def main(argv=None):
     path = os.path.join(run, 'eval', split, 'predictions.json')
     if not os.path.exists(path):
       raise FileNotFoundError(f'{path} does not exist: evaluate the run again with `python -m lld_jax.evaluate '
-                              f'--config=... --workdir={run} --split={split}` (older runs did not write it)')
+                              f'--workdir={run} --split={split}` (older runs did not write it)')
     builder = input_pipeline.load_builder(config.dataset.name, config.dataset.config, config.dataset.data_dir or None)
     run_truths = evaluate.ground_truth(builder, split)
     if truths is None:

@@ -156,7 +156,7 @@ def main():
     result = subprocess.run(
         [py, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paired_bootstrap.py'), f'--split={split}',
          '--runs=' + ','.join(os.path.join(args.out, name) for name in compared),
-         f'--out={os.path.join(args.out, "bootstrap.json")}'], check=True, capture_output=True, text=True)
+         f'--out={os.path.join(args.out, "bootstrap.json")}'], check=True, stdout=subprocess.PIPE, text=True)
     with open(os.path.join(args.out, 'bootstrap.md'), 'w') as f:
       f.write(result.stdout)
     print(result.stdout)
