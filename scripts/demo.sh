@@ -22,9 +22,10 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$DEMO_DIR/jit_cach
 # Training ends with the evaluation of the test split: metrics.json and plots in $DEMO_DIR/train/eval/test.
 $PY -m lld_jax.train --config=configs/synthetic_demo.py --workdir="$DEMO_DIR/train" \
     --config.dataset.manual_dir="$DEMO_DIR/download" --config.dataset.data_dir="$DEMO_DIR/tfds" "$@"
-test_images=$(ls "$DEMO_DIR"/download/*/Images/test/*.png | head -n 4)
+# A glob, not `ls | head`: under pipefail, head closing the pipe early can kill ls with SIGPIPE and the demo with it.
+test_images=("$DEMO_DIR"/download/*/Images/test/*.png)
 mkdir -p "$DEMO_DIR/predict_inputs"
-cp $test_images "$DEMO_DIR/predict_inputs/"
+cp "${test_images[@]:0:4}" "$DEMO_DIR/predict_inputs/"
 # Batches of 4, as in training's evaluation: the compiled program comes from the cache.
 $PY -m lld_jax.predict --workdir="$DEMO_DIR/train" --images="$DEMO_DIR/predict_inputs" --out="$DEMO_DIR/predict" \
     --batch_size=4
