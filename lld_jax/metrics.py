@@ -256,6 +256,14 @@ def _run_cocoeval(gt: COCO, dt: COCO, img_ids: list[int], max_dets: Sequence[int
   return ev
 
 
+def _detection_evals(images: list[_Image], num_classes: int, max_dets: Sequence[int]) -> tuple[COCOeval, COCOeval]:
+  """COCOeval of every image, by class (mAP) and as one class (cells AP)."""
+  all_ids = list(range(1, len(images) + 1))
+  by_class = _run_cocoeval(*_build_cocos(images, num_classes), all_ids, max_dets)
+  cells = _run_cocoeval(*_build_cocos(_class_agnostic(images), 1), all_ids, max_dets)
+  return by_class, cells
+
+
 def _accumulate_images(ev: COCOeval, positions: Sequence[int]) -> np.ndarray:
   """[T, R, K] precision over the evaluated images at `positions` (0-based, in ev's image order; an image listed
   twice counts twice), reusing ev's per-image results instead of matching again.
@@ -456,9 +464,7 @@ def evaluate_full(truths: Sequence[ImageTruth], predictions: Sequence[ImagePredi
   }
 
   # Detection.
-  gt, dt = _build_cocos(images, len(class_names))
-  all_ids = list(range(1, len(images) + 1))
-  ev = _run_cocoeval(gt, dt, all_ids, max_dets)
+  ev, cells = _detection_evals(images, len(class_names), max_dets)
   iou_thr = np.asarray(ev.params.iouThrs)
   precision = _coco_precision(ev)
   map50, map50_95, ap50, ap = _ap_metrics(precision, iou_thr)
@@ -468,7 +474,6 @@ def evaluate_full(truths: Sequence[ImageTruth], predictions: Sequence[ImagePredi
     if not np.isnan(ap50[k]):
       metrics[f'per_class/{name}/AP50'] = float(ap50[k])
       metrics[f'per_class/{name}/AP50_95'] = float(ap[k])
-  cells = _run_cocoeval(*_build_cocos(_class_agnostic(images), 1), all_ids, max_dets)
   metrics['cells/AP50'], metrics['cells/AP50_95'], _, _ = _ap_metrics(_coco_precision(cells), iou_thr)
 
   domains: dict[str, list[int]] = {}
@@ -515,9 +520,7 @@ def resampled_ap50(truths: Sequence[ImageTruth], predictions: Sequence[ImagePred
   Resample all runs with the same rows to compare them paired.
   """
   images = _prepare(truths, predictions, len(class_names), len(attribute_names))
-  all_ids = list(range(1, len(images) + 1))
-  by_class = _run_cocoeval(*_build_cocos(images, len(class_names)), all_ids, max_dets)
-  cells = _run_cocoeval(*_build_cocos(_class_agnostic(images), 1), all_ids, max_dets)
+  by_class, cells = _detection_evals(images, len(class_names), max_dets)
   iou_thr = np.asarray(by_class.params.iouThrs)
   rows = np.asarray(image_indices, np.int64)
   if rows.ndim != 2 or (rows.size and (rows.min() < 0 or rows.max() >= len(images))):

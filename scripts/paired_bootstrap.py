@@ -93,15 +93,19 @@ def main(argv=None):
   configs = [predict.load_config(r) for r in runs]
   split = args.split or configs[0].dataset.eval_split
   truths, class_names, predictions = None, None, {}
+  truths_by_dataset = {}  # runs of one benchmark share their data: decode each split once
   for run, name, config in zip(runs, names, configs):
     path = os.path.join(run, 'eval', split, 'predictions.json')
     if not os.path.exists(path):
       raise FileNotFoundError(f'{path} does not exist: evaluate the run again with `python -m lld_jax.evaluate '
                               f'--workdir={run} --split={split}` (older runs did not write it)')
-    builder = input_pipeline.load_builder(config.dataset.name, config.dataset.config, config.dataset.data_dir or None)
-    run_truths = evaluate.ground_truth(builder, split)
+    dataset = (config.dataset.name, config.dataset.config, config.dataset.data_dir or None)
+    if dataset not in truths_by_dataset:
+      builder = input_pipeline.load_builder(*dataset)
+      truths_by_dataset[dataset] = evaluate.ground_truth(builder, split), input_pipeline.dataset_info(builder)
+    run_truths, info = truths_by_dataset[dataset]
     if truths is None:
-      truths, class_names = run_truths, input_pipeline.dataset_info(builder).class_names
+      truths, class_names = run_truths, info.class_names
     elif not _same_truth(truths, run_truths):
       raise ValueError(f'{run} was scored on other {split} images than {runs[0]} ({config.dataset.name}/'
                        f'{config.dataset.config} in {config.dataset.data_dir})')
