@@ -37,9 +37,10 @@ def _match_stacked(logits, boxes, targets, weights: matching.CostWeights, attrib
 def _matched_losses(logits, boxes, query_for_target, query_in_region, targets, weights, loss_config, num_boxes,
                     background_below):
   """Class and box losses of one set of predictions [B, Q, ...] under a given assignment."""
-  is_background = losses.counts_as_background(query_in_region, logits, background_below)
+  background = losses.background_weight(query_in_region, logits, background_below,
+                                        targets.get('region_negative_weight'))
   query_labels, query_boxes, query_weight, is_matched = losses.matched_query_targets(
-      query_for_target, targets['labels'], targets['boxes'], targets['weight'], is_background, logits.shape[1])
+      query_for_target, targets['labels'], targets['boxes'], targets['weight'], background, logits.shape[1])
   quality = box_ops.iou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(query_boxes))
   quality = jnp.where(is_matched, quality, 0.0)
   class_sum = losses.class_loss(logits, query_labels, quality, query_weight, loss_config.class_loss,
@@ -56,8 +57,8 @@ def _denoising_losses(outputs, layer, targets, loss_config, num_boxes, backgroun
   target_boxes = losses.gather_queries(targets['boxes'], target_index)
   target_weight = losses.gather_queries(targets['weight'], target_index)
   in_region = jax.vmap(matching.points_in_mask)(boxes[..., :2], targets['annotation_mask'])
-  is_background = losses.counts_as_background(in_region, logits, background_below)
-  query_weight = jnp.where(positive, target_weight, jnp.where(valid & is_background, 1.0, 0.0))
+  background = losses.background_weight(in_region, logits, background_below, targets.get('region_negative_weight'))
+  query_weight = jnp.where(positive, target_weight, jnp.where(valid, background, 0.0))
   quality = jnp.where(positive & valid, box_ops.iou(box_ops.cxcywh_to_xyxy(boxes),
                                                    box_ops.cxcywh_to_xyxy(target_boxes)), 0.0)
   labels = jnp.where(valid, outputs['dn_labels'], -1)
@@ -72,10 +73,11 @@ def _denoising_losses(outputs, layer, targets, loss_config, num_boxes, backgroun
 
 def _token_losses(outputs, targets, loss_config, axis_name, background_below):
   """One-to-many losses of every encoder token (see dense_assignment): usable tokens are negatives unless assigned
-  where `losses.counts_as_background` says so; elsewhere they count only where a (pseudo) target takes them."""
+  with `losses.background_weight`; elsewhere they count only where a (pseudo) target takes them."""
   in_region = jax.vmap(matching.points_in_mask)(outputs['token_centres'], targets['annotation_mask'])
-  is_background = losses.counts_as_background(in_region, outputs['token_logits'], background_below)
-  token_weight = (outputs['token_usable'] & is_background).astype(jnp.float32)
+  background = losses.background_weight(in_region, outputs['token_logits'], background_below,
+                                        targets.get('region_negative_weight'))
+  token_weight = jnp.where(outputs['token_usable'], background, 0.0)
   per_image = jax.vmap(lambda *a: dense_assignment.dense_losses(*a, top_k=loss_config.dense_top_k))(
       outputs['token_logits'], outputs['token_boxes'], outputs['token_centres'], token_weight, targets['labels'],
       targets['boxes'], targets['weight'])
@@ -104,7 +106,8 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
   """Total weighted loss and a dict of its terms.
 
   targets: labels [B, T], boxes [B, T, 4] normalized cxcywh, attributes [B, T, A] (-1 = n/a), weight [B, T]
-  (1 real, pseudo-label weight, 0 padding), annotation_mask [B, h, w], optionally is_pseudo [B, T].
+  (1 real, pseudo-label weight, 0 padding), annotation_mask [B, h, w], optionally is_pseudo [B, T] and
+  region_negative_weight [B] (`losses.region_negative_weight`: the weight of the negatives inside the region).
   loss_config: class_loss, class/l1/giou/attribute weights, aux_loss, matcher cost weights, and the rule for
   predictions in the unlabelled area (unlabelled_background_below, unlabelled_background_relative).
   """

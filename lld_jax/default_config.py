@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   # True: that threshold is a fraction of the mean score the model gives the labelled cells' own classes in the
   # batch (losses.labelled_cell_score), so it follows the model's confidence as training goes.
   c.loss.unlabelled_background_relative = False
+  # With region_restricted: above 1, each image's negatives inside its annotated region weigh the field's area over
+  # the region's, at most this (losses.region_negative_weight), standing in for the negatives of the unlabelled
+  # area. 1: every negative weighs 1.
+  c.loss.region_negative_weight_max = 1.0
   c.loss.cost_class = 2.0
   c.loss.cost_l1 = 5.0
   c.loss.cost_giou = 2.0

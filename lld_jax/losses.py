@@ -4,8 +4,9 @@ Each function returns a *sum*; callers divide by the mean number of real boxes p
 device's gradient has the same scale (DETR's normalization).
 
 Per-query class targets use -1 for "no object". The per-query weight carries three rules at once: 1 for a real
-target, the pseudo-label weight for a pseudo target, 1 for "no object" where `counts_as_background` says so and 0
-elsewhere (by default the unlabelled area is neither positive nor negative).
+target, the pseudo-label weight for a pseudo target, a "no object" weight where `counts_as_background` says so
+(`background_weight`: 1, or more inside a small annotated region) and 0 elsewhere (by default the unlabelled area
+is neither positive nor negative).
 """
 
 import jax
@@ -88,6 +89,31 @@ def counts_as_background(in_region, logits, below=0.0):
   return in_region | (probability < below)
 
 
+def region_negative_weight(annotation_mask, image_mask, max_weight):
+  """[B] weight of each image's "no object" negatives inside its annotated region: the field's area over the
+  region's, at most `max_weight` (and at least 1).
+
+  With region restriction the model sees only the negatives that lie in the region, a sample of the field's: on
+  a field annotated over a fifth of its area, a fifth of the red cells, and of the rare look-alikes of a white
+  cell. Weighting each by the inverse of the sampled share makes their sum an unbiased estimate of the whole
+  field's negative loss (what a fully annotated field would give), without calling any unlabelled cell background.
+  annotation_mask [B, h, w] and image_mask [B, H, W] (1 on the field, 0 on padding) may differ in resolution.
+  """
+  field = image_mask.astype(jnp.float32).mean((1, 2))
+  region = annotation_mask.astype(jnp.float32).mean((1, 2))
+  ratio = field / jnp.maximum(region, 1e-6)
+  return jnp.clip(ratio, 1.0, max(float(max_weight), 1.0))
+
+
+def background_weight(in_region, logits, below=0.0, in_region_weight=None):
+  """[..., Q] the "no object" weight of each unmatched prediction: `counts_as_background`, times
+  `in_region_weight` [...] (see `region_negative_weight`) inside the region when given."""
+  weight = counts_as_background(in_region, logits, below).astype(jnp.float32)
+  if in_region_weight is None:
+    return weight
+  return weight * jnp.where(in_region, in_region_weight[..., None], 1.0)
+
+
 def labelled_cell_score(logits, query_for_target, targets, axis_name=None):
   """Mean probability (detached) that the queries matched to labelled cells give their cell's class: how sure the
   model is of the cells it was shown. logits [B, Q, K]; query_for_target [B, T]; targets: labels [B, T],
@@ -105,10 +131,10 @@ def labelled_cell_score(logits, query_for_target, targets, axis_name=None):
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 1.0)
 
 
-def matched_query_targets(query_for_target, target_labels, target_boxes, target_weight, query_is_background,
+def matched_query_targets(query_for_target, target_labels, target_boxes, target_weight, query_background_weight,
                           num_queries):
   """Per-query class label (-1 = none), target box, and class weight after a matching; an unmatched query weighs
-  1 where `query_is_background` [B, Q] (see `counts_as_background`), else 0.
+  `query_background_weight` [B, Q] (bool or float: see `background_weight`).
 
   Returns (query_labels [B, Q], query_boxes [B, Q, 4], query_weight [B, Q], is_matched [B, Q]).
   """
@@ -119,5 +145,5 @@ def matched_query_targets(query_for_target, target_labels, target_boxes, target_
   query_labels = jnp.where(is_matched, gather_queries(target_labels, safe), -1)
   query_boxes = gather_queries(target_boxes, safe)
   matched_weight = gather_queries(target_weight, safe)
-  query_weight = jnp.where(is_matched, matched_weight, query_is_background.astype(jnp.float32))
+  query_weight = jnp.where(is_matched, matched_weight, query_background_weight.astype(jnp.float32))
   return query_labels, query_boxes, query_weight, is_matched

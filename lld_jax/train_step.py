@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from lld_jax import criterion
+from lld_jax import losses
 from lld_jax import matching
 from lld_jax import param_groups
 from lld_jax import postprocess
@@ -166,6 +167,9 @@ def train_step(state: TrainState, batch, *, model, tx, config):
   targets = {k: batch[k] for k in ('labels', 'boxes', 'attributes', 'weight', 'annotation_mask')}
   if not config.loss.region_restricted:  # ablation: the unlabelled area counts as background
     targets['annotation_mask'] = jnp.ones_like(targets['annotation_mask'])
+  elif config.loss.region_negative_weight_max > 1:
+    targets['region_negative_weight'] = losses.region_negative_weight(
+        targets['annotation_mask'], batch['image_mask'], config.loss.region_negative_weight_max)
   pseudo = config.pseudo_labels
   if pseudo.enabled:
     teacher = model.apply({'params': state.ema_params, **state.model_state}, batch['image'], batch['image_mask'],

@@ -6,7 +6,9 @@ r"""The sparse-annotation benchmark: the paper's four settings and two variants,
 Settings: (a) full labels; (b) sparse labels with the unlabelled area as background; (c) region-restricted matching;
 (d) (c) + pseudo-labels; (e) (c), with the unlabelled area's unsure predictions (own score under
 `--unlabelled_background_below`) as background (`loss.unlabelled_background_below`); (f) as (e), the threshold a
-fraction of the labelled cells' mean score (`loss.unlabelled_background_relative`). For `synthetic`, one synthetic
+fraction of the labelled cells' mean score (`loss.unlabelled_background_relative`); (h) (c), with the negatives inside
+the region weighted by the field's area over the region's, at most `--region_negative_weight_max`
+(`loss.region_negative_weight_max`). For `synthetic`, one synthetic
 download is written in the YOLO layout (full) and one in the sparse layout from the same seed (the same images; 20
 patients of 10 fields unless `--synthetic_patients` and `--synthetic_images_per_patient` say otherwise; downloads
 already in OUT are used as they are), and every setting is evaluated on the fully annotated test split. For
@@ -35,6 +37,7 @@ SETTINGS = {
     'e_region_restricted_unsure_as_background': ['--config.dataset.config=sparse'],
     'f_region_restricted_relatively_unsure_as_background': ['--config.dataset.config=sparse',
                                                             '--config.loss.unlabelled_background_relative=True'],
+    'h_region_restricted_negatives_reweighted': ['--config.dataset.config=sparse'],
 }
 
 
@@ -57,7 +60,8 @@ def _logged(workdir, tag):
 
 
 def train_arguments(name, *, config, workdir, steps, downloads, data_dir, split, pseudo_threshold,
-                    pseudo_warmup_steps, unlabelled_background_below=0.5, overrides=()):
+                    pseudo_warmup_steps, unlabelled_background_below=0.5, region_negative_weight_max=10.0,
+                    overrides=()):
   """The `lld_jax.train` arguments of setting `name`: one budget for all, evaluated once at its end on `split`.
   `downloads` maps 'full' and 'sparse' to the download each setting reads; `overrides` come last, so they win."""
   kind = 'full' if name == 'a_full' else 'sparse'
@@ -69,6 +73,8 @@ def train_arguments(name, *, config, workdir, steps, downloads, data_dir, split,
                   f'--config.pseudo_labels.warmup_steps={pseudo_warmup_steps}']
   if name.startswith(('e_', 'f_')):
     arguments.append(f'--config.loss.unlabelled_background_below={unlabelled_background_below}')
+  if name.startswith('h_'):
+    arguments.append(f'--config.loss.region_negative_weight_max={region_negative_weight_max}')
   return arguments + list(overrides)
 
 
@@ -97,6 +103,8 @@ def main():
   parser.add_argument('--unlabelled_background_below', type=float, default=0.5,
                       help='(e): outside the annotated region, a prediction scored under this is background; '
                       '(f): under this fraction of the mean score of the labelled cells')
+  parser.add_argument('--region_negative_weight_max', type=float, default=10.0,
+                      help='(h): the most a negative inside the annotated region may weigh')
   parser.add_argument('--settings', default=','.join(SETTINGS),
                       help='comma-separated settings to run (default: all of them)')
   parser.add_argument('--synthetic_patients', type=int, default=20,
@@ -136,6 +144,7 @@ def main():
         name, config=config, workdir=workdir, steps=args.steps, downloads=downloads,
         data_dir=os.path.join(args.out, 'tfds'), split=split, pseudo_threshold=args.pseudo_threshold,
         pseudo_warmup_steps=warmup_steps, unlabelled_background_below=args.unlabelled_background_below,
+        region_negative_weight_max=args.region_negative_weight_max,
         overrides=args.overrides))
     with open(os.path.join(workdir, 'eval', split, 'metrics.json')) as f:
       metrics = json.load(f)

@@ -350,6 +350,46 @@ def test_unlabelled_area_is_background_only_below_the_threshold():
     assert (gradient[outside_confident] == 0).all() and (gradient[inside] > 0).all()
 
 
+def test_region_negative_weight_matches_numpy():
+  """The field's area (padding excluded) over the annotated region's, clipped to [1, max_weight]."""
+  rng = np.random.default_rng(8)
+  annotation_mask = (rng.random((5, 8, 8)) < rng.uniform(0.05, 1.0, (5, 1, 1))).astype(np.float32)
+  annotation_mask[3] = 0.0  # no region at all
+  annotation_mask[4] = 1.0  # fully annotated
+  image_mask = np.ones((5, 32, 32), np.float32)
+  image_mask[1, 24:] = 0.0  # a quarter of the canvas is padding
+  for max_weight in (0.5, 4.0, 50.0):
+    expected = np.clip(image_mask.mean((1, 2)) / np.maximum(annotation_mask.mean((1, 2)), 1e-6), 1.0,
+                       max(max_weight, 1.0))
+    np.testing.assert_allclose(losses.region_negative_weight(annotation_mask, image_mask, max_weight), expected,
+                               rtol=1e-6)
+  weight = np.asarray(losses.region_negative_weight(annotation_mask, image_mask, 50.0))
+  assert weight[3] == 50.0 and weight[4] == 1.0
+
+
+def test_region_negative_weight_scales_only_the_negatives_inside_the_region():
+  """loss.region_negative_weight_max: unmatched predictions inside the region get w times the class gradient,
+  those outside still none, and the labelled cells' own losses stay as they were."""
+  rng = np.random.default_rng(9)
+  targets = _targets(rng, (0, 2))
+  outputs = _with_denoising(rng, _outputs(rng, targets), targets)
+  outputs['pred_boxes'][:, 0, :3, 0] = 0.25  # image 0 (no labelled cell): three queries inside the left half
+  outputs['pred_boxes'][:, 0, 3:, 0] = 0.75  # and the rest outside
+  _, plain_terms, plain = _run(outputs, targets)
+  weighted_targets = dict(targets, region_negative_weight=np.array([3.0, 1.0], np.float32))
+  _, weighted_terms, weighted = _run(outputs, weighted_targets)
+  plain_gradient = np.abs(np.asarray(plain['pred_logits'])[:, 0]).sum((0, 2))
+  weighted_gradient = np.abs(np.asarray(weighted['pred_logits'])[:, 0]).sum((0, 2))
+  assert (plain_gradient[:3] > 0).all()
+  np.testing.assert_allclose(weighted_gradient[:3], 3.0 * plain_gradient[:3], rtol=1e-5)
+  assert (weighted_gradient[3:] == 0).all() and (plain_gradient[3:] == 0).all()
+  # Image 1's weight is 1: its gradients, and every box loss, do not change.
+  np.testing.assert_allclose(np.asarray(weighted['pred_logits'])[:, 1], np.asarray(plain['pred_logits'])[:, 1],
+                             rtol=1e-6)
+  for name in ('l1/layer1', 'giou/layer1', 'attributes'):
+    np.testing.assert_allclose(weighted_terms[name], plain_terms[name], rtol=1e-6)
+
+
 def test_one_stacked_matching_equals_matching_each_layer_alone():
   """The criterion matches every decoder layer and the proposals in one vmapped assignment; each set's box
   losses must be those of its own independent Hungarian matching."""
@@ -465,3 +505,39 @@ def test_cell_class_cross_entropy_reads_matched_queries_and_first_denoising_posi
   config.cell_class_weight = 0.0
   _, without, _ = _run(outputs, targets, config)
   assert 'cell_class' not in without
+
+
+def test_train_step_weighs_the_region_negatives_only_on_sparse_fields():
+  """On 2 devices: `loss.region_negative_weight_max` raises the class loss of a field annotated on its left half,
+  and leaves a fully annotated field's step exactly as it was."""
+  from configs import synthetic_demo
+  from lld_jax import sharding
+  from lld_jax import train_step
+  from tfds_lld import lld_format
+  config = synthetic_demo.get_config()
+  config.image_size, config.per_device_batch_size, config.max_objects = 64, 1, 4
+  config.model.update(backbone_width=8, hidden_dim=32, num_heads=2, ffn_dim=64, num_decoder_layers=1,
+                      num_queries=12, denoising_groups=1, roi_size=3, cell_crop_size=8)
+  devices = jax.local_devices()
+  full = train_step.random_batch(config, len(devices), lld_format.NUM_CLASSES)
+  sparse = {k: v.copy() for k, v in full.items()}
+  sparse['annotation_mask'][..., config.image_size // 16:] = 0.0  # only the left half is annotated
+  sparse['boxes'][..., 0] = np.clip(sparse['boxes'][..., 0] / 2 - 0.1, 0.1, 0.35)  # labelled cells inside it
+  model = train_step.create_model(config, lld_format.NUM_CLASSES)
+  state, tx = train_step.create_train_state(model, config, jax.random.PRNGKey(0))
+  replicated = sharding.replicate(state, devices)
+  losses_by = {}
+  for max_weight in (1.0, 10.0):
+    config.loss.region_negative_weight_max = max_weight
+    step = jax.pmap(functools.partial(train_step.train_step, model=model, tx=tx, config=config),
+                    axis_name=train_step.AXIS, devices=devices)
+    for name, batch in (('full', full), ('sparse', sparse)):
+      _, metrics = step(replicated, sharding.shard(batch, devices))
+      losses_by[name, max_weight] = {k: float(v[0]) for k, v in metrics.items() if k.startswith('loss')}
+  assert losses_by['full', 10.0] == losses_by['full', 1.0]
+  sparse_plain, sparse_weighted = losses_by['sparse', 1.0], losses_by['sparse', 10.0]
+  # Half the field is annotated: its negatives weigh 2 (the field over the region); at initialization they are a
+  # small part of the class loss (varifocal scales a negative by its own score), and the box losses do not move.
+  for term in ('loss/class/layer0', 'loss/dn_class/layer0'):
+    assert sparse_weighted[term] > (1 + 1e-5) * sparse_plain[term], term
+  assert sparse_weighted['loss/l1/layer0'] == pytest.approx(sparse_plain['loss/l1/layer0'], rel=1e-5)

@@ -14,14 +14,15 @@ sparse_benchmark = load_script('sparse_benchmark')
 
 DOWNLOADS = {'full': '/data/full', 'sparse': '/data/sparse'}
 # (dataset.config, loss.region_restricted, pseudo_labels.enabled, loss.unlabelled_background_below,
-# loss.unlabelled_background_relative) that each setting must train with.
+# loss.unlabelled_background_relative, loss.region_negative_weight_max) that each setting must train with.
 EXPECTED = {
-    'a_full': ('full', True, False, 0.0, False),
-    'b_sparse_as_background': ('sparse', False, False, 0.0, False),
-    'c_region_restricted': ('sparse', True, False, 0.0, False),
-    'd_region_restricted_pseudo': ('sparse', True, True, 0.0, False),
-    'e_region_restricted_unsure_as_background': ('sparse', True, False, 0.4, False),
-    'f_region_restricted_relatively_unsure_as_background': ('sparse', True, False, 0.4, True),
+    'a_full': ('full', True, False, 0.0, False, 1.0),
+    'b_sparse_as_background': ('sparse', False, False, 0.0, False, 1.0),
+    'c_region_restricted': ('sparse', True, False, 0.0, False, 1.0),
+    'd_region_restricted_pseudo': ('sparse', True, True, 0.0, False, 1.0),
+    'e_region_restricted_unsure_as_background': ('sparse', True, False, 0.4, False, 1.0),
+    'f_region_restricted_relatively_unsure_as_background': ('sparse', True, False, 0.4, True, 1.0),
+    'h_region_restricted_negatives_reweighted': ('sparse', True, False, 0.0, False, 6.0),
 }
 
 
@@ -29,13 +30,14 @@ def _arguments(name, config, overrides=()):
   return sparse_benchmark.train_arguments(
       name, config=config, workdir=f'/runs/{name}', steps=321, downloads=DOWNLOADS, data_dir='/runs/tfds',
       split='val', pseudo_threshold=0.7, pseudo_warmup_steps=107, unlabelled_background_below=0.4,
-      overrides=overrides)
+      region_negative_weight_max=6.0, overrides=overrides)
 
 
 @pytest.mark.parametrize('config_file', ['configs/txl_pbc.py', 'configs/synthetic_demo.py'])
 def test_settings_configure_what_they_name(config_file):
   assert set(sparse_benchmark.SETTINGS) == set(EXPECTED)
-  for name, (dataset_config, region_restricted, pseudo, background_below, relative) in EXPECTED.items():
+  for name, (dataset_config, region_restricted, pseudo, background_below, relative, negative_weight_max) in (
+      EXPECTED.items()):
     config = parse_train_config(_arguments(name, config_file))
     assert config['dataset']['config'] == dataset_config, name
     assert config['dataset']['manual_dir'] == DOWNLOADS[dataset_config], name
@@ -43,6 +45,7 @@ def test_settings_configure_what_they_name(config_file):
     assert config['pseudo_labels']['enabled'] is pseudo, name
     assert config['loss']['unlabelled_background_below'] == background_below, name
     assert config['loss']['unlabelled_background_relative'] is relative, name
+    assert config['loss']['region_negative_weight_max'] == negative_weight_max, name
     # One budget for every setting, evaluated once at its end on the fully annotated split.
     assert config['total_steps'] == 321 and config['eval_every_steps'] == 321, name
     assert config['dataset']['eval_split'] == 'val' and config['dataset']['data_dir'] == '/runs/tfds', name
