@@ -9,11 +9,15 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import synthetic_demo
 from lld_jax import criterion
 from lld_jax import losses
 from lld_jax import matching
+from lld_jax import sharding
+from lld_jax import train_step
 from lld_jax.default_config import base_config
 from lld_jax.models import detector
+from tfds_lld import lld_format
 
 # Small fixed shapes shared by the criterion tests (one compile per output structure).
 L, B, Q, K, T, MASK = 2, 2, 6, 3, 3, 8
@@ -510,10 +514,6 @@ def test_cell_class_cross_entropy_reads_matched_queries_and_first_denoising_posi
 def test_train_step_weighs_the_region_negatives_only_on_sparse_fields():
   """On 2 devices: `loss.region_negative_weight_max` raises the class loss of a field annotated on its left half,
   and leaves a fully annotated field's step exactly as it was."""
-  from configs import synthetic_demo
-  from lld_jax import sharding
-  from lld_jax import train_step
-  from tfds_lld import lld_format
   config = synthetic_demo.get_config()
   config.image_size, config.per_device_batch_size, config.max_objects = 64, 1, 4
   config.model.update(backbone_width=8, hidden_dim=32, num_heads=2, ffn_dim=64, num_decoder_layers=1,
