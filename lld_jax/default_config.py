@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = ''  # TFDS data dir ('' = TFDS default, ~/tensorflow_datasets)
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
+  # Sparse data: an image with no annotated region (an empty label file) adds no loss under region-restricted
+  # matching without pseudo-labels; True leaves such images out of training then (counted and logged), so every
+  # batch carries labels.
+  c.dataset.skip_images_without_region = True
 
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True

@@ -186,14 +186,29 @@ def _to_device_batches(ds, num_devices, per_device_batch):
   return ds
 
 
-def train_dataset(builder, split, config, num_devices, seed, start_batch=0) -> tf.data.Dataset:
+def _has_region(example):
+  return tf.reduce_any(example['annotation_mask'] > 0)
+
+
+def count_images_with_region(builder, split) -> tuple[int, int]:
+  """(images with an annotated region, all images) of this process's share of `split`, without decoding images."""
+  ds = builder.as_dataset(split=tfds.split_for_jax_process(split), decoders={'image': tfds.decode.SkipDecoding()})
+  flags = ds.map(_has_region, num_parallel_calls=tf.data.AUTOTUNE)
+  counts = flags.reduce((0, 0), lambda total, has: (total[0] + tf.cast(has, tf.int32), total[1] + 1))
+  return int(counts[0]), int(counts[1])
+
+
+def train_dataset(builder, split, config, num_devices, seed, start_batch=0,
+                  skip_images_without_region=False) -> tf.data.Dataset:
   """Endless, shuffled, augmented batches [num_devices, per_device_batch, ...]; sharded per process.
 
   `start_batch` skips that many batches before any decoding work, so a resumed run sees the same stream.
+  `skip_images_without_region` leaves out the images whose annotation mask is all zero (the caller counts them).
   """
   read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=1)
   split = tfds.split_for_jax_process(split)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
+  ds = ds.filter(_has_region) if skip_images_without_region else ds
   ds = ds.cache() if config.get('cache', True) else ds
   ds = ds.repeat().shuffle(config.get('shuffle_buffer', 512), seed=seed).enumerate()
   ds = ds.skip(start_batch * num_devices * config.per_device_batch_size)

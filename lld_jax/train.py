@@ -159,6 +159,34 @@ class _SigtermFlag:
     self.raised = True
 
 
+def images_without_region_add_no_loss(config) -> bool:
+  """Whether an image with no annotated region gives no loss at all: with region-restricted matching its whole field
+  is unlabelled, and nothing there is a target or a negative unless pseudo-labels or
+  `loss.unlabelled_background_below` make it one."""
+  return (config.loss.region_restricted and not config.pseudo_labels.enabled
+          and config.loss.unlabelled_background_below == 0)
+
+
+def should_skip_images_without_region(builder, config, writer, step) -> bool:
+  """Whether to skip the training images without an annotated region; counts and reports them when it does."""
+  if not (config.dataset.skip_images_without_region and images_without_region_add_no_loss(config)):
+    return False
+  with_region, total = input_pipeline.count_images_with_region(builder, config.dataset.train_split)
+  if with_region == total:
+    return False
+  if with_region == 0:
+    raise ValueError(
+        f'dataset {config.dataset.name}/{config.dataset.config}, split {config.dataset.train_split}: none of the '
+        f'{total} images has an annotated region, so region-restricted matching has nothing to learn from; train '
+        'with pseudo-labels, loss.region_restricted=False or a dataset with annotated regions')
+  logging.warning('training on the %d of %d images of split %s that have an annotated region: the other %d add no '
+                  'loss with region-restricted matching and no pseudo-labels (dataset.skip_images_without_region=False '
+                  'keeps them)', with_region, total, config.dataset.train_split, total - with_region)
+  writer.write_scalars(step, {'data/train_images_used': with_region,
+                              'data/train_images_skipped_without_region': total - with_region})
+  return True
+
+
 def train_and_evaluate(config, workdir, stop_at_step=None):
   """Trains (resuming from `workdir`), evaluates periodically and returns the final host state.
 
@@ -191,8 +219,9 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
     writer.write_hparams({k: v for k, v in flatten_config(config).items()})
 
   num_devices = jax.local_device_count()
-  train_ds = input_pipeline.train_dataset(builder, config.dataset.train_split, config, num_devices, config.seed,
-                                          start_batch=start_step)
+  train_ds = input_pipeline.train_dataset(
+      builder, config.dataset.train_split, config, num_devices, config.seed, start_batch=start_step,
+      skip_images_without_region=should_skip_images_without_region(builder, config, writer, start_step))
   train_iter = sharding.prefetch_to_devices(train_ds.as_numpy_iterator())
   p_train_step = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config), axis_name=AXIS,
                           donate_argnums=(0,))

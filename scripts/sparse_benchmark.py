@@ -8,7 +8,8 @@ Settings: (a) full labels; (b) sparse labels with the unlabelled area as backgro
 `--unlabelled_background_below`) as background (`loss.unlabelled_background_below`); (f) as (e), the threshold a
 fraction of the labelled cells' mean score (`loss.unlabelled_background_relative`); (h) (c), with the negatives inside
 the region weighted by the field's area over the region's, at most `--region_negative_weight_max`
-(`loss.region_negative_weight_max`). For `synthetic`, one synthetic
+(`loss.region_negative_weight_max`). (c) and (h) train only on the images that have an annotated region: the others
+add no loss there (`dataset.skip_images_without_region`, counted in the training log). For `synthetic`, one synthetic
 download is written in the YOLO layout (full) and one in the sparse layout from the same seed (the same images; 20
 patients of 10 fields unless `--synthetic_patients` and `--synthetic_images_per_patient` say otherwise; downloads
 already in OUT are used as they are), and every setting is evaluated on the fully annotated test split. For

@@ -134,6 +134,25 @@ def test_lld_sparse(lld_sparse, lld_download, capsys):
   assert lld_sparse.skip_report.notes['sparse_image_without_region'] == len(no_region)
 
 
+def test_training_can_leave_out_the_sparse_images_without_region(lld_sparse, lld_download):
+  from configs import synthetic_demo
+  from lld_jax import input_pipeline
+  train_records = [r for r in _records(lld_download, (P.SPARSE,)).values() if r.split == 'train']
+  with_region = sum(bool(r.regions) for r in train_records)
+  assert input_pipeline.count_images_with_region(lld_sparse, 'train') == (with_region, len(train_records))
+  assert 0 < with_region < len(train_records)
+  config = synthetic_demo.get_config()
+  config.image_size, config.per_device_batch_size = 64, 2
+
+  def annotated_per_image(skip):  # three passes over the split, in batches of [1 device, 2 images]
+    ds = input_pipeline.train_dataset(lld_sparse, 'train', config, 1, 0, skip_images_without_region=skip)
+    masks = np.concatenate([b['annotation_mask'][0] for b in ds.take(3 * len(train_records) // 2).as_numpy_iterator()])
+    return masks.reshape(len(masks), -1).max(axis=1) > 0
+
+  assert annotated_per_image(skip=True).all()
+  assert not annotated_per_image(skip=False).all()
+
+
 def test_lld_skip_policy_through_builder(tmp_path, capsys, monkeypatch):
   dl = tmp_path / 'dl'
   folder = H.write_yolo_subset(dl, 'H_10x_C2', splits=('train',), n_images=3)

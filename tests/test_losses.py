@@ -394,6 +394,26 @@ def test_region_negative_weight_scales_only_the_negatives_inside_the_region():
     np.testing.assert_allclose(weighted_terms[name], plain_terms[name], rtol=1e-6)
 
 
+def test_an_image_without_region_gets_no_gradient_unless_its_unsure_predictions_are_background():
+  """Why training may leave such images out (train.images_without_region_add_no_loss): under region-restricted
+  matching no output of an image with no annotated region, hence no labelled cell, gets any gradient; with
+  loss.unlabelled_background_below its unsure predictions become negatives and it does."""
+  rng = np.random.default_rng(13)
+  targets = _targets(rng, (0, 2))
+  targets['annotation_mask'][0] = 0.0
+  outputs = _with_denoising(rng, _outputs(rng, targets), targets)
+  layered = ('pred_logits', 'pred_boxes', 'dn_logits', 'dn_boxes')  # [layer, image, ...]; the others [image, ...]
+  of_image = lambda grads, name, b: np.asarray(grads[name])[:, b] if name in layered else np.asarray(grads[name])[b]
+  _, _, grads = _run(outputs, targets)
+  for name in grads:
+    assert not of_image(grads, name, 0).any(), name
+  assert of_image(grads, 'pred_logits', 1).any() and of_image(grads, 'pred_boxes', 1).any()
+  config = _loss_config()
+  config.unlabelled_background_below = 0.5  # the random outputs score about 0.05
+  _, _, grads = _run(outputs, targets, config)
+  assert of_image(grads, 'pred_logits', 0).any() and of_image(grads, 'enc_logits', 0).any()
+
+
 def test_one_stacked_matching_equals_matching_each_layer_alone():
   """The criterion matches every decoder layer and the proposals in one vmapped assignment; each set's box
   losses must be those of its own independent Hungarian matching."""

@@ -77,3 +77,44 @@ def test_config_overrides():
 def test_misspelled_override_fails():
   with pytest.raises(ValueError, match='totl_steps'):
     parse_train_config(['--config=configs/synthetic_demo.py', '--config.totl_steps=7'])
+
+
+def test_images_without_region_are_left_out_only_where_they_add_no_loss():
+  from lld_jax.default_config import base_config
+  config = base_config()
+  assert train.images_without_region_add_no_loss(config)  # region-restricted, no pseudo-labels
+  for key, value in (('loss.region_restricted', False), ('pseudo_labels.enabled', True),
+                     ('loss.unlabelled_background_below', 0.5)):
+    changed = base_config()
+    changed.update_from_flattened_dict({key: value})
+    assert not train.images_without_region_add_no_loss(changed), key
+
+
+class _Writer:
+  def __init__(self):
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars[step] = scalars
+
+
+@pytest.mark.parametrize('counts, skip', [((3, 5), True), ((5, 5), False)])
+def test_skipping_images_without_region_is_counted(monkeypatch, counts, skip):
+  from lld_jax import input_pipeline
+  from lld_jax.default_config import base_config
+  monkeypatch.setattr(input_pipeline, 'count_images_with_region', lambda builder, split: counts)
+  writer = _Writer()
+  assert train.should_skip_images_without_region(None, base_config(), writer, 7) is skip
+  assert writer.scalars == ({7: {'data/train_images_used': 3, 'data/train_images_skipped_without_region': 2}}
+                            if skip else {})
+  kept = base_config()
+  kept.dataset.skip_images_without_region = False
+  assert not train.should_skip_images_without_region(None, kept, writer, 7)
+
+
+def test_a_split_without_any_region_fails_clearly(monkeypatch):
+  from lld_jax import input_pipeline
+  from lld_jax.default_config import base_config
+  monkeypatch.setattr(input_pipeline, 'count_images_with_region', lambda builder, split: (0, 4))
+  with pytest.raises(ValueError, match='none of the 4 images has an annotated region'):
+    train.should_skip_images_without_region(None, base_config(), _Writer(), 0)
