@@ -9,7 +9,9 @@ import pytest
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 
-from tfds_lld import parsers as P  # pylint: disable=g-import-not-at-top
+from configs import synthetic_demo  # pylint: disable=g-import-not-at-top
+from lld_jax import input_pipeline
+from tfds_lld import parsers as P
 from tfds_lld import synthetic
 from tfds_lld.lld import lld_dataset_builder as lld_b
 from tfds_lld.txl_pbc import txl_pbc_dataset_builder as txl_b
@@ -135,8 +137,6 @@ def test_lld_sparse(lld_sparse, lld_download, capsys):
 
 
 def test_training_can_leave_out_the_sparse_images_without_region(lld_sparse, lld_download):
-  from configs import synthetic_demo
-  from lld_jax import input_pipeline
   train_records = [r for r in _records(lld_download, (P.SPARSE,)).values() if r.split == 'train']
   with_region = sum(bool(r.regions) for r in train_records)
   assert input_pipeline.count_images_with_region(lld_sparse, 'train') == (with_region, len(train_records))
@@ -146,7 +146,8 @@ def test_training_can_leave_out_the_sparse_images_without_region(lld_sparse, lld
 
   def annotated_per_image(skip):  # three passes over the split, in batches of [1 device, 2 images]
     ds = input_pipeline.train_dataset(lld_sparse, 'train', config, 1, 0, skip_images_without_region=skip)
-    masks = np.concatenate([b['annotation_mask'][0] for b in ds.take(3 * len(train_records) // 2).as_numpy_iterator()])
+    batches = ds.take(3 * len(train_records) // 2).as_numpy_iterator()
+    masks = np.concatenate([b['annotation_mask'][0] for b in batches])
     return masks.reshape(len(masks), -1).max(axis=1) > 0
 
   assert annotated_per_image(skip=True).all()

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from lld_jax import evaluate
+from lld_jax import input_pipeline
 from lld_jax import train
+from lld_jax.default_config import base_config
 from config_parsing import parse_train_config
 from tiny_training import TOTAL_STEPS
 from tiny_training import tiny_config
@@ -36,7 +38,6 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
 
   # Training ended by evaluating its eval split; evaluate's functions give the same file again.
   assert os.path.exists(os.path.join(interrupted_dir, 'eval', 'test', 'metrics.json'))
-  from lld_jax import input_pipeline
   builder = input_pipeline.load_builder('lld', 'full', config.dataset.data_dir)
   model, state = evaluate.restore_for_inference(config, interrupted_dir, 14)
   result = evaluate.evaluate_split(model, state, builder, 'test', config)
@@ -80,7 +81,6 @@ def test_misspelled_override_fails():
 
 
 def test_images_without_region_are_left_out_only_where_they_add_no_loss():
-  from lld_jax.default_config import base_config
   config = base_config()
   assert train.images_without_region_add_no_loss(config)  # region-restricted, no pseudo-labels
   for key, value in (('loss.region_restricted', False), ('pseudo_labels.enabled', True),
@@ -100,8 +100,6 @@ class _Writer:
 
 @pytest.mark.parametrize('counts, skip', [((3, 5), True), ((5, 5), False)])
 def test_skipping_images_without_region_is_counted(monkeypatch, counts, skip):
-  from lld_jax import input_pipeline
-  from lld_jax.default_config import base_config
   monkeypatch.setattr(input_pipeline, 'count_images_with_region', lambda builder, split: counts)
   writer = _Writer()
   assert train.should_skip_images_without_region(None, base_config(), writer, 7) is skip
@@ -113,8 +111,6 @@ def test_skipping_images_without_region_is_counted(monkeypatch, counts, skip):
 
 
 def test_a_split_without_any_region_fails_clearly(monkeypatch):
-  from lld_jax import input_pipeline
-  from lld_jax.default_config import base_config
   monkeypatch.setattr(input_pipeline, 'count_images_with_region', lambda builder, split: (0, 4))
   with pytest.raises(ValueError, match='none of the 4 images has an annotated region'):
     train.should_skip_images_without_region(None, base_config(), _Writer(), 0)
