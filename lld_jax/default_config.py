@@ -27,8 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
   # Sparse data: an image with no annotated region (an empty label file) adds no loss under region-restricted
-  # matching without pseudo-labels; True leaves such images out of training then (counted and logged), so every
-  # batch carries labels.
+  # matching without pseudo-labels on it; True leaves such images out of training then (counted and logged), so
+  # every batch carries labels.
   c.dataset.skip_images_without_region = True
 
   c.augment = ml_collections.ConfigDict()
@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.pseudo_labels.attributes = False
   c.pseudo_labels.max_per_image = 16
   c.pseudo_labels.duplicate_iou = 0.5  # of near-duplicate teacher boxes only the most confident is a label
+  # False: no pseudo-labels on images without an annotated region, which then add no loss and, by
+  # dataset.skip_images_without_region, are left out of training.
+  c.pseudo_labels.on_images_without_region = True
 
   c.nonfinite = ml_collections.ConfigDict()
   c.nonfinite.policy = 'skip'  # 'skip' the update or 'stop' training

@@ -4,7 +4,8 @@ The teacher (the EMA model) predicts on the whole image. Its detections are scor
 prediction score them (`eval.class_scores`: the decoder's sigmoids, or their geometric mean with the cell
 classifier), and a detection's class is its best-scoring one. A detection becomes an extra target when its score
 passes the threshold, its box centre lies outside the annotated region, it does not overlap a labelled cell, and
-the training step is past the warm-up. Of near-duplicate teacher boxes (class-agnostic IoU > `duplicate_iou`)
+the training step is past the warm-up; with `on_images_without_region` False, also only on images that have an
+annotated region. Of near-duplicate teacher boxes (class-agnostic IoU > `duplicate_iou`)
 only the most confident is kept: a DETR teacher early in training answers one cell with several queries, and two
 targets on one cell would teach the student to answer it twice. Extra targets carry a small loss weight; they are
 appended to the real targets in `max_pseudo` fixed slots, with weight 0 in the unused ones.
@@ -28,7 +29,8 @@ def allowed_places(teacher_boxes, targets, overlap_iou=0.1):
 
 
 def select(teacher_scores, teacher_boxes, teacher_attribute_logits, targets, step, *, threshold, weight,
-           warmup_steps, max_pseudo, with_attributes=False, overlap_iou=0.1, duplicate_iou=0.5):
+           warmup_steps, max_pseudo, with_attributes=False, overlap_iou=0.1, duplicate_iou=0.5,
+           on_images_without_region=True):
   """Targets with up to `max_pseudo` pseudo-labels appended per image.
 
   teacher_scores [B, Q, K] in [0, 1] (`postprocess.class_scores`), teacher_boxes [B, Q, 4] (normalized cxcywh),
@@ -41,6 +43,8 @@ def select(teacher_scores, teacher_boxes, teacher_attribute_logits, targets, ste
   best_score, best_label = scores.max(-1), scores.argmax(-1)
   eligible = ((best_score > threshold) & allowed_places(teacher_boxes, targets, overlap_iou)
               & (step >= warmup_steps))
+  if not on_images_without_region:
+    eligible &= targets['annotation_mask'].any(axis=(1, 2))[:, None]
   teacher_xyxy = box_ops.cxcywh_to_xyxy(teacher_boxes)
   distinct = jax.vmap(box_ops.nms_keep_mask, in_axes=(0, 0, 0, None))(teacher_xyxy, best_score, eligible,
                                                                        duplicate_iou)

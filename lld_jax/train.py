@@ -161,9 +161,10 @@ class _SigtermFlag:
 
 def images_without_region_add_no_loss(config) -> bool:
   """Whether an image with no annotated region gives no loss at all: with region-restricted matching its whole field
-  is unlabelled, and nothing there is a target or a negative unless pseudo-labels or
-  `loss.unlabelled_background_below` make it one."""
-  return (config.loss.region_restricted and not config.pseudo_labels.enabled
+  is unlabelled, and nothing there is a target or a negative unless pseudo-labels (where
+  `pseudo_labels.on_images_without_region` allows them) or `loss.unlabelled_background_below` make it one."""
+  pseudo_labels_on_it = config.pseudo_labels.enabled and config.pseudo_labels.on_images_without_region
+  return (config.loss.region_restricted and not pseudo_labels_on_it
           and config.loss.unlabelled_background_below == 0)
 
 
@@ -178,10 +179,12 @@ def should_skip_images_without_region(builder, config, writer, step) -> bool:
     raise ValueError(
         f'dataset {config.dataset.name}/{config.dataset.config}, split {config.dataset.train_split}: none of the '
         f'{total} images has an annotated region, so region-restricted matching has nothing to learn from; train '
-        'with pseudo-labels, loss.region_restricted=False or a dataset with annotated regions')
+        'with pseudo-labels on them (pseudo_labels.on_images_without_region), loss.region_restricted=False or a '
+        'dataset with annotated regions')
   logging.warning('training on the %d of %d images of split %s that have an annotated region: the other %d add no '
-                  'loss with region-restricted matching and no pseudo-labels (dataset.skip_images_without_region=False '
-                  'keeps them)', with_region, total, config.dataset.train_split, total - with_region)
+                  'loss with region-restricted matching and no pseudo-labels on them '
+                  '(dataset.skip_images_without_region=False keeps them)',
+                  with_region, total, config.dataset.train_split, total - with_region)
   writer.write_scalars(step, {'data/train_images_used': with_region,
                               'data/train_images_skipped_without_region': total - with_region})
   return True

@@ -179,7 +179,8 @@ def train_step(state: TrainState, batch, *, model, tx, config):
     targets = pseudo_labels.select(
         teacher_scores, teacher['pred_boxes'][-1], teacher['attribute_logits'], targets, state.step,
         threshold=pseudo.threshold, weight=pseudo.weight, warmup_steps=pseudo.warmup_steps,
-        max_pseudo=pseudo.max_per_image, with_attributes=pseudo.attributes, duplicate_iou=pseudo.duplicate_iou)
+        max_pseudo=pseudo.max_per_image, with_attributes=pseudo.attributes, duplicate_iou=pseudo.duplicate_iou,
+        on_images_without_region=pseudo.on_images_without_region)
 
   def loss_fn(params):
     outputs = model.apply({'params': params, **state.model_state}, batch['image'], batch['image_mask'], targets,

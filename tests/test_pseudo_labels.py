@@ -78,6 +78,21 @@ def test_pseudo_labels_have_the_configured_weight_and_score():
   assert np.all(out['attributes'][0, num_real:] == -1)
 
 
+def test_pseudo_labels_on_images_without_region_only_when_allowed():
+  logits, boxes, attributes, targets = _scene()
+  targets = {**targets, 'annotation_mask': np.zeros_like(targets['annotation_mask']),
+             'weight': np.zeros_like(targets['weight'])}
+  num_real = targets['labels'].shape[1]
+
+  def num_pseudo(allowed):
+    out = pseudo_labels.select(jax.nn.sigmoid(logits), boxes, attributes, targets, 1000, threshold=0.9, weight=0.1,
+                               warmup_steps=100, max_pseudo=8, on_images_without_region=allowed)
+    return int(out['is_pseudo'][0, num_real:].sum())
+
+  assert num_pseudo(True) > 0
+  assert num_pseudo(False) == 0
+
+
 def test_no_pseudo_labels_during_warmup():
   out, targets, _, _ = _select(step=99)
   assert not out['is_pseudo'].any()

@@ -88,6 +88,10 @@ def test_images_without_region_are_left_out_only_where_they_add_no_loss():
     changed = base_config()
     changed.update_from_flattened_dict({key: value})
     assert not train.images_without_region_add_no_loss(changed), key
+  pseudo_labels_elsewhere = base_config()
+  pseudo_labels_elsewhere.pseudo_labels.enabled = True
+  pseudo_labels_elsewhere.pseudo_labels.on_images_without_region = False
+  assert train.images_without_region_add_no_loss(pseudo_labels_elsewhere)
 
 
 class _Writer:
