@@ -91,6 +91,9 @@ def test_pseudo_labels_on_images_without_region_only_when_allowed():
 
   assert num_pseudo(True) > 0
   assert num_pseudo(False) == 0
+  # A field that has a region still gets them in the rest of its field.
+  out, targets, _, _ = _select(step=1000, on_images_without_region=False)
+  assert out['is_pseudo'][0, num_real:].any()
 
 
 def test_no_pseudo_labels_during_warmup():
