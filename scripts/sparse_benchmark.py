@@ -9,15 +9,15 @@ Settings: (a) full labels; (b) sparse labels with the unlabelled area as backgro
 fraction of the labelled cells' mean score (`loss.unlabelled_background_relative`); (h) (c), with the negatives inside
 the region weighted by the field's area over the region's, at most `--region_negative_weight_max`
 (`loss.region_negative_weight_max`). (c) and (h) train only on the images that have an annotated region: the others
-add no loss there (`dataset.skip_images_without_region`, counted in the training log); (d) does too with
-`--config.pseudo_labels.on_images_without_region=False`, which keeps pseudo-labels off those images. For
-`synthetic`, one synthetic download is written in the YOLO layout (full) and one in the sparse layout from the same
-seed (the same images; 20 patients of 10 fields unless `--synthetic_patients` and `--synthetic_images_per_patient`
-say otherwise; downloads already in OUT are used as they are), and every setting is evaluated on the fully
-annotated test split. For
-`txl_pbc`, the `sparse` builder config simulates the sparse train split and every setting is evaluated on the fully
-annotated val split. Pseudo-labels start after a third of the budget (`--pseudo_warmup_fraction`), at the score
-threshold `--pseudo_threshold`. Writes OUT/table.md and OUT/table.json: mAP, the detections' AP as one class
+add no loss there (`dataset.skip_images_without_region`, counted in the training log); so does (d), whose
+pseudo-labels go only on the images with a region (`pseudo_labels.on_images_without_region=False`), so that it is
+(c)'s training plus pseudo-labels. For `synthetic`, one synthetic download is written in the YOLO layout (full) and
+one in the sparse layout from the same seed (the same images; 20 patients of 10 fields unless
+`--synthetic_patients` and `--synthetic_images_per_patient` say otherwise; downloads already in OUT are used as
+they are), and every setting is evaluated on the fully annotated test split. For `txl_pbc`, the `sparse` builder
+config simulates the sparse train split and every setting is evaluated on the fully annotated val split.
+Pseudo-labels start after a third of the budget (`--pseudo_warmup_fraction`), at the score threshold
+`--pseudo_threshold`. Writes OUT/table.md and OUT/table.json: mAP, the detections' AP as one class
 (`cells/AP50`: finding the cells, whatever they are named), attribute F1, and the mean number of pseudo-labels per
 step in (d) after its warm-up. When OUT holds two evaluated settings or more (from this call or earlier ones),
 OUT/bootstrap.md and .json compare each with (b), paired over resamples of the evaluated images
@@ -36,7 +36,8 @@ SETTINGS = {
     'a_full': ['--config.dataset.config=full'],
     'b_sparse_as_background': ['--config.dataset.config=sparse', '--config.loss.region_restricted=False'],
     'c_region_restricted': ['--config.dataset.config=sparse'],
-    'd_region_restricted_pseudo': ['--config.dataset.config=sparse', '--config.pseudo_labels.enabled=True'],
+    'd_region_restricted_pseudo': ['--config.dataset.config=sparse', '--config.pseudo_labels.enabled=True',
+                                   '--config.pseudo_labels.on_images_without_region=False'],
     'e_region_restricted_unsure_as_background': ['--config.dataset.config=sparse'],
     'f_region_restricted_relatively_unsure_as_background': ['--config.dataset.config=sparse',
                                                             '--config.loss.unlabelled_background_relative=True'],

@@ -52,6 +52,7 @@ def test_settings_configure_what_they_name(config_file):
     if pseudo:
       assert config['pseudo_labels']['threshold'] == 0.7
       assert config['pseudo_labels']['warmup_steps'] == 107
+      assert config['pseudo_labels']['on_images_without_region'] is False  # trained on (c)'s images
 
 
 def test_bootstrap_compares_with_the_plain_detector_first():
