@@ -38,8 +38,11 @@ def _scene(seed=0, num_queries=40, num_targets=4):
   return teacher_logits, teacher_boxes, teacher_attributes, targets
 
 
-def _select(step, seed=0, **overrides):
+def _select(step, seed=0, without_region=False, **overrides):
   logits, boxes, attributes, targets = _scene(seed)
+  if without_region:  # a field whose label file is empty: no region, no labelled cell
+    targets = {**targets, 'annotation_mask': np.zeros_like(targets['annotation_mask']),
+               'weight': np.zeros_like(targets['weight'])}
   kwargs = dict(threshold=0.9, weight=0.1, warmup_steps=100, max_pseudo=8)
   kwargs.update(overrides)
   out = jax.jit(lambda l, b, a, t, s: pseudo_labels.select(jax.nn.sigmoid(l), b, a, t, s, **kwargs))(
@@ -79,21 +82,14 @@ def test_pseudo_labels_have_the_configured_weight_and_score():
 
 
 def test_pseudo_labels_on_images_without_region_only_when_allowed():
-  logits, boxes, attributes, targets = _scene()
-  targets = {**targets, 'annotation_mask': np.zeros_like(targets['annotation_mask']),
-             'weight': np.zeros_like(targets['weight'])}
-  num_real = targets['labels'].shape[1]
+  def num_pseudo(without_region, allowed):
+    out, targets, _, _ = _select(step=1000, without_region=without_region, on_images_without_region=allowed)
+    return int(out['is_pseudo'][0, targets['labels'].shape[1]:].sum())
 
-  def num_pseudo(allowed):
-    out = pseudo_labels.select(jax.nn.sigmoid(logits), boxes, attributes, targets, 1000, threshold=0.9, weight=0.1,
-                               warmup_steps=100, max_pseudo=8, on_images_without_region=allowed)
-    return int(out['is_pseudo'][0, num_real:].sum())
-
-  assert num_pseudo(True) > 0
-  assert num_pseudo(False) == 0
+  assert num_pseudo(without_region=True, allowed=True) > 0
+  assert num_pseudo(without_region=True, allowed=False) == 0
   # A field that has a region still gets them in the rest of its field.
-  out, targets, _, _ = _select(step=1000, on_images_without_region=False)
-  assert out['is_pseudo'][0, num_real:].any()
+  assert num_pseudo(without_region=False, allowed=False) > 0
 
 
 def test_no_pseudo_labels_during_warmup():
