@@ -5,9 +5,9 @@ prediction score them (`eval.class_scores`: the decoder's sigmoids, or their geo
 classifier), and a detection's class is its best-scoring one. A detection becomes an extra target when its score
 passes the threshold, its box centre lies outside the annotated region, it does not overlap a labelled cell, and
 the training step is past the warm-up; with `on_images_without_region` False, also only on images that have an
-annotated region. Of near-duplicate teacher boxes (class-agnostic IoU > `duplicate_iou`)
-only the most confident is kept: a DETR teacher early in training answers one cell with several queries, and two
-targets on one cell would teach the student to answer it twice. Extra targets carry a small loss weight; they are
+annotated region. Of near-duplicate teacher boxes (class-agnostic IoU > `duplicate_iou`) only the most confident is
+kept: a DETR teacher early in training answers one cell with several queries, and two targets on one cell would
+teach the student to answer it twice. Extra targets carry a small loss weight; they are
 appended to the real targets in `max_pseudo` fixed slots, with weight 0 in the unused ones.
 """
 
