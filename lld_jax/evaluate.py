@@ -43,8 +43,52 @@ def ground_truth(builder, split) -> list[metrics_lib.ImageTruth]:
   return truths
 
 
-def predict_split(model, state, builder, split, config) -> list[metrics_lib.ImagePrediction]:
-  """Detections for every image of the split (EMA weights when the config keeps an EMA)."""
+ATTRIBUTE_COUNTS_FILE = 'attribute_counts.json'
+
+
+def write_attribute_counts(counts, path):
+  """{attribute: {value: count}} of the training cells, what `lld_jax.predict` reads to decide the attributes."""
+  table = {name: {value: int(counts[a][v]) for v, value in enumerate(lld_format.ATTRIBUTE_VALUES[a])}
+           for a, name in enumerate(lld_format.ATTRIBUTE_NAMES)}
+  with open(path, 'w') as f:
+    json.dump(table, f, indent=1)
+
+
+def read_attribute_counts(path) -> np.ndarray:
+  """The [A, V] counts that `write_attribute_counts` wrote."""
+  with open(path) as f:
+    table = json.load(f)
+  counts = np.zeros((lld_format.NUM_ATTRIBUTES, max(lld_format.NUM_ATTRIBUTE_VALUES)), np.int64)
+  for a, name in enumerate(lld_format.ATTRIBUTE_NAMES):
+    if set(table.get(name, {})) != set(lld_format.ATTRIBUTE_VALUES[a]):
+      raise ValueError(f'{path}: attribute {name!r} needs counts of exactly {list(lld_format.ATTRIBUTE_VALUES[a])}, '
+                       f'got {table.get(name)!r}')
+    for v, value in enumerate(lld_format.ATTRIBUTE_VALUES[a]):
+      counts[a, v] = int(table[name][value])
+  return counts
+
+
+def attribute_logit_adjustment(config) -> float:
+  """`eval.attribute_logit_adjustment`; 0 (the plain argmax) in the config of a run from before the option."""
+  return float(config.get('eval', {}).get('attribute_logit_adjustment', 0.0))
+
+
+def attribute_logit_offsets(config, attribute_counts):
+  """`postprocess.attribute_offsets` for the config; None for the plain argmax."""
+  strength = attribute_logit_adjustment(config)
+  if not strength:
+    return None
+  return postprocess.attribute_offsets(attribute_counts, lld_format.NUM_ATTRIBUTE_VALUES, strength)
+
+
+def predict_split(model, state, builder, split, config, attribute_counts=None) -> list[metrics_lib.ImagePrediction]:
+  """Detections for every image of the split (EMA weights when the config keeps an EMA).
+
+  attribute_counts [A, V]: the training split's (`input_pipeline.count_attribute_values`), counted here when not
+  given and `eval.attribute_logit_adjustment` needs them."""
+  if attribute_counts is None and attribute_logit_adjustment(config):
+    attribute_counts = input_pipeline.count_attribute_values(builder, config.dataset.train_split)
+  offsets = attribute_logit_offsets(config, attribute_counts)
   from lld_jax import train  # the train module owns the step functions and state layout
   variables = train.model_variables(state, use_ema=config.optimizer.ema_decay > 0)
   p_predict = jax.pmap(functools.partial(train.predict_step, model=model), axis_name=train.AXIS)
@@ -64,7 +108,7 @@ def predict_split(model, state, builder, split, config) -> list[metrics_lib.Imag
             outputs['logits'][d, b], outputs['boxes'][d, b], outputs['attribute_logits'][d, b],
             config.image_size, float(meta['scale'][d, b]), meta['original_size'][d, b],
             config.eval.max_detections, config.eval.score_threshold, config.eval.nms_iou_threshold,
-            None if cell_class_logits is None else cell_class_logits[d, b])
+            None if cell_class_logits is None else cell_class_logits[d, b], offsets)
         index = int(meta['index'][d, b])
         predictions[index] = metrics_lib.ImagePrediction(
             image_id=str(index), boxes=found.boxes, scores=found.scores, labels=found.labels,
@@ -72,9 +116,9 @@ def predict_split(model, state, builder, split, config) -> list[metrics_lib.Imag
   return [predictions[i] for i in sorted(predictions)]
 
 
-def evaluate_split(model, state, builder, split, config) -> metrics_lib.EvaluationResult:
+def evaluate_split(model, state, builder, split, config, attribute_counts=None) -> metrics_lib.EvaluationResult:
   truths = ground_truth(builder, split)
-  predictions = predict_split(model, state, builder, split, config)
+  predictions = predict_split(model, state, builder, split, config, attribute_counts)
   if len(predictions) != len(truths):
     raise RuntimeError(f'evaluation lost images: {len(truths)} in {split}, {len(predictions)} predicted')
   return score_predictions(truths, predictions, input_pipeline.dataset_info(builder).class_names, config)
@@ -86,9 +130,12 @@ def max_dets(config):
 
 
 def score_predictions(truths, predictions, class_names, config) -> metrics_lib.EvaluationResult:
-  return metrics_lib.evaluate_full(truths, predictions, class_names, lld_format.ATTRIBUTE_NAMES,
-                                   attribute_score_threshold=config.eval.attribute_score_threshold,
-                                   max_dets=max_dets(config))
+  result = metrics_lib.evaluate_full(truths, predictions, class_names, lld_format.ATTRIBUTE_NAMES,
+                                     attribute_score_threshold=config.eval.attribute_score_threshold,
+                                     max_dets=max_dets(config))
+  # The rule the attribute values were decided by: two runs' attribute F1s compare only under the same rule.
+  result.metrics['attributes/logit_adjustment'] = attribute_logit_adjustment(config)
+  return result
 
 
 def write_evaluation(result, out_dir):

@@ -14,10 +14,12 @@ import dataclasses
 import os
 
 import jax
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lld_jax.matching import MASK_STRIDE
+from tfds_lld import lld_format
 
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; the accelerators belong to JAX.
 
@@ -196,6 +198,23 @@ def count_images_with_region(builder, split) -> tuple[int, int]:
   flags = ds.map(_has_region, num_parallel_calls=tf.data.AUTOTUNE)
   counts = flags.reduce((0, 0), lambda total, has: (total[0] + tf.cast(has, tf.int32), total[1] + 1))
   return int(counts[0]), int(counts[1])
+
+
+def count_attribute_values(builder, split) -> np.ndarray:
+  """[A, V] how many annotated cells of the whole `split` have each value of each attribute (not-applicable values
+  are not counted), read without decoding images or masks. Every process reads the whole split, so all get the
+  same counts."""
+  skip = {'image': tfds.decode.SkipDecoding(), 'annotation_mask': tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=split, decoders=skip)
+  num_attributes, num_values = len(lld_format.NUM_ATTRIBUTE_VALUES), max(lld_format.NUM_ATTRIBUTE_VALUES)
+
+  def per_example(example):
+    values = tf.reshape(tf.cast(example['objects']['attributes'], tf.int32), [-1, num_attributes])
+    return tf.reduce_sum(tf.one_hot(values, num_values, dtype=tf.int64), 0)  # -1 (not applicable): no count
+
+  counts = ds.map(per_example, num_parallel_calls=tf.data.AUTOTUNE).reduce(
+      tf.zeros([num_attributes, num_values], tf.int64), lambda total, count: total + count)
+  return counts.numpy()
 
 
 def train_dataset(builder, split, config, num_devices, seed, start_batch=0,

@@ -10,7 +10,9 @@ right) and the boxes are mapped back to the original pixels. Writes
   OUT/detections.json  COCO results, one per cell (its most likely class): image_id, file_name, category_id
                        (class index + 1), category_name, bbox [x, y, w, h] in original pixels, score (of the
                        class), cell_score (that a cell is there), attributes {name: value}, attribute_scores
-                       (left out for a model trained without attributes, `loss.attribute_weight` 0)
+                       (left out for a model trained without attributes, `loss.attribute_weight` 0); each
+                       value decided as in evaluation (`eval.attribute_logit_adjustment`, with the training
+                       counts in DIR/attribute_counts.json), its score the model's probability of that value
   OUT/images.json      {image_id: {file_name, width, height}}
   OUT/skipped.json     [{file, reason}] for unreadable or non-image files (also one stderr line each)
   OUT/overlays/<stem>.png  the image (upscaled to >= 1024 px) with numbered boxes, and a legend panel listing
@@ -403,6 +405,23 @@ class _Item:
   scale: float
 
 
+def _attribute_offsets(config, workdir):
+  """(offsets for `postprocess.to_detections`, the rule in words) from the run's training counts
+  (DIR/attribute_counts.json) and `eval.attribute_logit_adjustment`, as `lld_jax.evaluate` decides."""
+  from lld_jax import evaluate
+  strength = evaluate.attribute_logit_adjustment(config)
+  if not strength:
+    return None, 'argmax'
+  path = os.path.join(workdir, evaluate.ATTRIBUTE_COUNTS_FILE)
+  if not os.path.exists(path):
+    print(f'warning: {path} does not exist (a run from before it was written): the attributes are the plain '
+          f'argmax, not adjusted by their training prior as eval.attribute_logit_adjustment={strength:g} asks',
+          file=sys.stderr)
+    return None, f'argmax ({evaluate.ATTRIBUTE_COUNTS_FILE} missing)'
+  counts = evaluate.read_attribute_counts(path)
+  return evaluate.attribute_logit_offsets(config, counts), f'logit adjustment {strength:g} by the training prior'
+
+
 def _load_items(paths, names, image_size, skipped):
   for image_id, (path, name) in enumerate(zip(paths, names)):
     try:
@@ -443,6 +462,7 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   """Predicts on `images` (file, directory or glob) with the model in `workdir`; writes OUT (see module doc).
 
   Returns a summary: num_inputs, num_images (processed), num_detections, skipped [{image_id, file, reason}],
+  attribute_decisions (how the attribute values were chosen, in words),
   class_names, overlays [paths] and detections_path, images_path, skipped_path."""
   import jax
   from lld_jax import sharding
@@ -464,6 +484,7 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   nms_iou_threshold = float(config.get('eval', {}).get('nms_iou_threshold', 1.0))
   score_rule = config.get('eval', {}).get('class_scores', 'detector')
   with_attributes = trained_attributes(config)
+  attribute_offsets, attribute_rule = _attribute_offsets(config, workdir)
   num_devices = jax.local_device_count()
   per_device = max(int(batch_size), 1)
   global_batch = num_devices * per_device
@@ -490,7 +511,8 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
       found = postprocess.one_per_cell(postprocess.to_detections(
           outputs['logits'][i], outputs['boxes'][i], outputs['attribute_logits'][i], image_size, item.scale,
           (height, width), max_detections, 0.0, nms_iou_threshold,
-          None if cell_class_logits is None else cell_class_logits[i]), score_threshold, nms_iou_threshold)
+          None if cell_class_logits is None else cell_class_logits[i], attribute_offsets), score_threshold,
+          nms_iou_threshold)
       records = detection_records(found, item.image_id, item.file_name, class_names, with_attributes)
       results.extend(records)
       image_table[str(item.image_id)] = {'file_name': item.file_name, 'width': int(width), 'height': int(height)}
@@ -506,7 +528,8 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
     with open(written[f'{name}_path'], 'w') as f:
       json.dump(value, f, indent=1)
   return {'num_inputs': len(paths), 'num_images': len(image_table), 'num_detections': len(results),
-          'skipped': skipped, 'class_names': list(class_names), 'overlays': overlay_paths, **written}
+          'skipped': skipped, 'attribute_decisions': attribute_rule, 'class_names': list(class_names),
+          'overlays': overlay_paths, **written}
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI

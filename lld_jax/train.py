@@ -210,6 +210,10 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(workdir, 'class_names.json'), 'w') as f:
     json.dump(list(info.class_names), f)
+  from lld_jax import evaluate  # evaluation pulls in pycocotools and matplotlib
+  # Evaluation and prediction weigh each attribute value by its prior (eval.attribute_logit_adjustment).
+  attribute_counts = input_pipeline.count_attribute_values(builder, config.dataset.train_split)
+  evaluate.write_attribute_counts(attribute_counts, os.path.join(workdir, evaluate.ATTRIBUTE_COUNTS_FILE))
   model = create_model(config, info.num_classes)
   state, tx = create_train_state(model, config, jax.random.PRNGKey(config.seed))
   check_workdir(workdir, state, config)
@@ -290,10 +294,9 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
       else:
         save(step, replicated)
     if step % config.eval_every_steps == 0 or is_last:
-      from lld_jax import evaluate  # evaluation pulls in pycocotools and matplotlib
       with progress.timed('eval'):
         result = evaluate.evaluate_split(model, sharding.unreplicate(replicated), builder,
-                                         config.dataset.eval_split, config)
+                                         config.dataset.eval_split, config, attribute_counts)
       scalars = {f'eval/{k}': v for k, v in result.metrics.items() if np.isscalar(v) and np.isfinite(v)}
       writer.write_scalars(step, scalars)
       if is_last:  # what `lld_jax.evaluate` would write for this split, without evaluating twice

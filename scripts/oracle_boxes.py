@@ -132,14 +132,18 @@ def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, 
   @jax.jit
   def predict(x):
     class_logits, attribute_logits = model.apply(params, (x - mean) / std)
-    return jax.nn.softmax(class_logits), jnp.where(allowed, attribute_logits, -1e9).argmax(-1)
+    return jax.nn.softmax(class_logits), jnp.where(allowed, attribute_logits, -1e9)
   return predict
 
 
-def oracle_predictions(truths, predict, builder, split, source_size, crop_size):
-  """Detections at every true box, and the classifier's top-1 accuracy on them."""
+def oracle_predictions(truths, predict, builder, split, source_size, crop_size, attribute_offsets=None):
+  """Detections at every true box, and the classifier's top-1 accuracy on them. The attribute values are decided
+  as `lld_jax.evaluate` decides them (`attribute_offsets`: `evaluate.attribute_logit_offsets`)."""
   crops, labels, _ = cell_crops(builder, split, source_size, crop_size)
-  probabilities, attributes = (np.asarray(x) for x in predict(crops))
+  probabilities, attribute_logits = (np.asarray(x, np.float64) for x in predict(crops))
+  if attribute_offsets is not None:
+    attribute_logits = attribute_logits + attribute_offsets
+  attributes = attribute_logits.argmax(-1)
   predictions, start = [], 0
   for truth in truths:
     n = len(truth.boxes)
@@ -178,7 +182,9 @@ def main(argv):
   predict = train_classifier(crops, labels, attributes, info.num_classes, _STEPS.value, _BATCH.value, _SEED.value,
                              _LEARNING_RATE.value, [int(w) for w in _WIDTHS.value], _STAIN_JITTER.value)
   truths = evaluate.ground_truth(builder, d.eval_split)
-  predictions, accuracy = oracle_predictions(truths, predict, builder, d.eval_split, source_size, _CROP_SIZE.value)
+  offsets = evaluate.attribute_logit_offsets(config, input_pipeline.count_attribute_values(builder, d.train_split))
+  predictions, accuracy = oracle_predictions(truths, predict, builder, d.eval_split, source_size, _CROP_SIZE.value,
+                                             offsets)
   result = metrics_lib.evaluate(truths, predictions, info.class_names, lld_format.ATTRIBUTE_NAMES,
                                 max_dets=(1, 10, 100 * info.num_classes))
   keys = ['mAP50', 'mAP50_95', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper']
@@ -186,7 +192,9 @@ def main(argv):
   keys += sorted(k for k in result if k.startswith('attributes/strict/') and k.endswith('/f1'))
   summary = {'source_size': source_size, 'steps': _STEPS.value, 'batch_size': _BATCH.value,
              'learning_rate': _LEARNING_RATE.value, 'crop_size': _CROP_SIZE.value, 'widths': _WIDTHS.value,
-             'stain_jitter': _STAIN_JITTER.value, 'class_accuracy': accuracy, **{k: result[k] for k in keys}}
+             'stain_jitter': _STAIN_JITTER.value,
+             'attribute_logit_adjustment': evaluate.attribute_logit_adjustment(config),
+             'class_accuracy': accuracy, **{k: result[k] for k in keys}}
   print(json.dumps(summary, indent=1))
   if _OUT.value:
     with open(_OUT.value, 'w') as f:

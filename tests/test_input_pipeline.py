@@ -1,6 +1,8 @@
 """The input pipeline: fixed shapes, boxes and annotation mask moved with the pixels, determinism, and no image
 lost in evaluation."""
 
+import json
+
 import ml_collections
 import numpy as np
 import pytest
@@ -76,10 +78,15 @@ def test_evaluation_resize_keeps_aspect_and_marks_padding():
 
 
 @pytest.fixture(scope='module')
-def builder(tmp_path_factory):
+def root(tmp_path_factory):
   root = tmp_path_factory.mktemp('pipeline')
   synthetic.generate(str(root / 'download'), 'coco', subsets=('H_100x_C1',), patients=3, images_per_patient=3,
                      seed=2)
+  return root
+
+
+@pytest.fixture(scope='module')
+def builder(root):
   return input_pipeline.load_builder('lld', 'full', str(root / 'tfds'), str(root / 'download'))
 
 
@@ -128,3 +135,18 @@ def test_evaluation_keeps_every_image(builder):
   indices = np.concatenate([b['index'].ravel() for b in batches])[valid]
   assert valid.sum() == num_examples
   assert sorted(indices.tolist()) == list(range(num_examples))
+
+
+
+def test_attribute_counts_equal_the_annotation_files(root, builder):
+  with open(root / 'download' / 'H_100x_C1' / 'json_labels' / 'train.json') as f:
+    annotations = json.load(f)['annotations']
+  expected = np.zeros((lld_format.NUM_ATTRIBUTES, max(lld_format.NUM_ATTRIBUTE_VALUES)), np.int64)
+  for annotation in annotations:
+    for a, name in enumerate(lld_format.ATTRIBUTE_NAMES):
+      value = next(annotation[k] for k in lld_format.COCO_ATTRIBUTE_KEYS[name] if k in annotation)
+      if value != lld_format.COCO_NOT_APPLICABLE:
+        expected[a, value] += 1
+  counts = input_pipeline.count_attribute_values(builder, 'train')
+  assert expected.sum() > 0 and (expected[:, 1] > 0).all()
+  np.testing.assert_array_equal(counts, expected)

@@ -109,3 +109,32 @@ def test_one_per_cell_keeps_each_cell_once_with_its_best_class():
   assert postprocess.one_per_cell(found, min_cell_score=0.6).queries.tolist() == [0]
   # Without the class-agnostic step, the duplicate with another class stays (the per-class NMS removed query 1).
   assert postprocess.one_per_cell(found, min_cell_score=0.3, iou_threshold=1.0).queries.tolist() == [0, 2, 3]
+
+
+def test_attribute_offsets_are_minus_strength_log_smoothed_prior():
+  counts = np.array([[6, 2, 0], [9, 1, 5]])  # the second attribute is binary: its third slot is padding
+  offsets = postprocess.attribute_offsets(counts, (3, 2), strength=0.5)
+  expected = np.array([[-0.5 * np.log(7 / 11), -0.5 * np.log(3 / 11), -0.5 * np.log(1 / 11)],
+                       [-0.5 * np.log(10 / 12), -0.5 * np.log(2 / 12), 0.0]])
+  np.testing.assert_allclose(offsets, expected, rtol=1e-12)
+  np.testing.assert_array_equal(postprocess.attribute_offsets(counts, (3, 2), strength=0.0), np.zeros((2, 3)))
+
+
+def test_attribute_offsets_turn_a_close_call_to_the_rare_value_and_keep_its_probability():
+  logits, boxes, attribute_logits = _duplicated_cell_outputs()
+  attribute_logits[:, :, 2] = -1e9  # every attribute binary here: the third slot is padding, as the model pads it
+  attribute_logits[:, 0, 0], attribute_logits[:, 0, 1] = 0.5, 0.0  # the common value, barely
+  attribute_logits[:, 1, 0], attribute_logits[:, 1, 1] = 3.0, 0.0  # the common value, surely
+  counts = np.zeros((7, 3), np.int64)
+  counts[:, 0], counts[:, 1] = 88, 12  # the second value is rare, as prominent vacuoles are
+  offsets = postprocess.attribute_offsets(counts, (2,) * 7, strength=1.0)
+  plain = postprocess.to_detections(logits, boxes, attribute_logits, 100, 1.0, (100, 100), max_detections=3)
+  adjusted = postprocess.to_detections(logits, boxes, attribute_logits, 100, 1.0, (100, 100), max_detections=3,
+                                       attribute_logit_offsets=offsets)
+  assert (plain.attributes[:, :2] == 0).all()
+  assert (adjusted.attributes[:, 0] == 1).all()  # log(89/13) = 1.92 outweighs a margin of 0.5
+  assert (adjusted.attributes[:, 1] == 0).all()  # but not one of 3
+  np.testing.assert_allclose(adjusted.attribute_confidence[:, 0], 1 / (1 + np.exp(0.5)), rtol=1e-9)
+  np.testing.assert_allclose(plain.attribute_confidence[:, 0], 1 / (1 + np.exp(-0.5)), rtol=1e-9)
+  np.testing.assert_array_equal(adjusted.labels, plain.labels)
+  np.testing.assert_array_equal(adjusted.scores, plain.scores)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -277,6 +278,38 @@ def test_model_trained_without_attributes_reports_none(workdir, tmp_path):
     with Image.open(summary['overlays'][0]) as overlay:
       widths[name] = overlay.size[0]
   assert widths['without'] < widths['with']
+
+
+def test_attributes_decided_with_the_runs_training_counts(workdir, predicted, tmp_path):
+  from lld_jax import evaluate
+  assert 'missing' in predicted[0]['attribute_decisions']  # the fixture's workdir has no counts: plain argmax
+  images = tmp_path / 'images'
+  images.mkdir()
+  Image.fromarray(np.random.default_rng(3).integers(0, 256, (120, 200, 3), np.uint8)).save(images / 'field.png')
+  vacuoles = lld_format.ATTRIBUTE_NAMES.index('cytoplasmic_vacuoles')
+  for common, rare in (('absent', 'prominent'), ('prominent', 'absent')):
+    run = tmp_path / f'run_{rare}'
+    shutil.copytree(workdir, run)
+    counts = (np.arange(3)[None, :] < np.array(lld_format.NUM_ATTRIBUTE_VALUES)[:, None]).astype(np.int64)
+    counts[vacuoles, lld_format.ATTRIBUTE_VALUES[vacuoles].index(common)] = 10**9
+    evaluate.write_attribute_counts(counts, run / evaluate.ATTRIBUTE_COUNTS_FILE)
+    np.testing.assert_array_equal(evaluate.read_attribute_counts(run / evaluate.ATTRIBUTE_COUNTS_FILE), counts)
+    summary = predict.run(run, str(images), str(tmp_path / f'out_{rare}'), score_threshold=0.0)
+    assert summary['attribute_decisions'].startswith('logit adjustment 1')
+    detections = json.loads((tmp_path / f'out_{rare}' / 'detections.json').read_text())
+    # A prior of 1e-9 moves the untrained model's near-even logits to the rare value on every cell.
+    assert detections and all(d['attributes']['cytoplasmic_vacuoles'] == rare for d in detections)
+
+
+def test_attribute_counts_file_with_other_values_names_the_file_and_attribute(tmp_path):
+  from lld_jax import evaluate
+  path = tmp_path / evaluate.ATTRIBUTE_COUNTS_FILE
+  evaluate.write_attribute_counts(np.ones((lld_format.NUM_ATTRIBUTES, 3), np.int64), path)
+  table = json.loads(path.read_text())
+  table['nucleolus'] = {'inconspicuous': 5, 'visible': 2}
+  path.write_text(json.dumps(table))
+  with pytest.raises(ValueError, match=f"{path}: attribute 'nucleolus' needs counts of exactly"):
+    evaluate.read_attribute_counts(path)
 
 
 def test_class_names_fallbacks(tmp_path):

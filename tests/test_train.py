@@ -45,6 +45,11 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   with open(os.path.join(interrupted_dir, 'eval', 'test', 'metrics.json')) as f:
     metrics = json.load(f)
   assert metrics['num_images'] == builder.info.splits['test'].num_examples
+  # The attribute values were decided with the training split's counts, which the run left for predict.
+  assert metrics['attributes/logit_adjustment'] == config.eval.attribute_logit_adjustment == 1.0
+  np.testing.assert_array_equal(
+      evaluate.read_attribute_counts(os.path.join(interrupted_dir, evaluate.ATTRIBUTE_COUNTS_FILE)),
+      input_pipeline.count_attribute_values(builder, 'train'))
   for key in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper',
               'domains/H_100x_C1/mAP50'):
     assert key in metrics
@@ -59,7 +64,7 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   images = sorted((tiny_download / 'download' / 'H_100x_C1' / 'Images' / 'test').glob('*.png'))
   summary = predict.run(interrupted_dir, str(images[0]), str(tmp_path / 'predict'), score_threshold=0.0)
   assert os.path.exists(tmp_path / 'predict' / 'detections.json')
-  assert summary is not None
+  assert summary['attribute_decisions'] == 'logit adjustment 1 by the training prior'
 
   from lld_jax import report
   report_path = report.write_report(interrupted_dir, str(tmp_path / 'report.md'), str(tmp_path / 'predict'))
