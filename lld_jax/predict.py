@@ -484,7 +484,8 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   nms_iou_threshold = float(config.get('eval', {}).get('nms_iou_threshold', 1.0))
   score_rule = config.get('eval', {}).get('class_scores', 'detector')
   with_attributes = trained_attributes(config)
-  attribute_offsets, attribute_rule = _attribute_offsets(config, workdir)
+  attribute_offsets, attribute_rule = (_attribute_offsets(config, workdir) if with_attributes
+                                       else (None, 'none (the model learnt no attributes)'))
   num_devices = jax.local_device_count()
   per_device = max(int(batch_size), 1)
   global_batch = num_devices * per_device

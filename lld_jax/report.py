@@ -46,7 +46,7 @@ def _fmt(value):
 def metrics_section(metrics) -> list[str]:
   lines = ['| metric | value |', '|---|---|']
   for key in ('mAP50', 'mAP50_95', 'cells/AP50', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper',
-              'num_images', 'num_truths'):
+              'attributes/logit_adjustment', 'num_images', 'num_truths'):
     if key in metrics:
       lines.append(f'| {key} | {_fmt(metrics[key])} |')
   lines += ['', '| attribute | strict acc | strict F1 | paper acc | paper F1 |', '|---|---|---|---|---|']

@@ -269,6 +269,7 @@ def test_model_trained_without_attributes_reports_none(workdir, tmp_path):
   found = {name: json.loads((tmp_path / name / 'detections.json').read_text()) for name in runs}
   assert found['with'] and all('attributes' in d and 'attribute_scores' in d for d in found['with'])
   assert not any('attributes' in d or 'attribute_scores' in d for d in found['without'])
+  assert runs['without']['attribute_decisions'].startswith('none')
   # The same detections otherwise.
   strip = lambda d: {k: v for k, v in d.items() if k not in ('attributes', 'attribute_scores')}
   assert [strip(d) for d in found['with']] == found['without']

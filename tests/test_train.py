@@ -71,6 +71,7 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   with open(report_path) as f:
     text = f.read()
   assert '## Metrics (test split)' in text and 'training_curves.png' in text and 'overlay_' in text
+  assert '| attributes/logit_adjustment | 1.000 |' in text
 
 
 def test_config_overrides():
