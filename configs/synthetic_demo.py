@@ -6,9 +6,9 @@ r"""The demo: a small detector on the synthetic LLD download, on a CPU in minute
       --config.dataset.manual_dir=demo_run/download --config.dataset.data_dir=demo_run/tfds
 
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
-Expected on the 2-core development machine of sessions 10-18 (AMD EPYC with AVX-512): 2.7-3.0 steps/s after about a
-minute of start-up, about 8 minutes of training, 10 minutes in all from a fresh clone; test mAP50 0.59, mAP50:95
-0.46, strict attribute F1 0.70 (paper 0.70), cells AP50 0.76 (docs/results.md, session 18). The 2-core machine of
+Expected on the 2-core development machine of sessions 10-18 (AMD EPYC with AVX-512): 2.6-2.8 steps/s after about a
+minute of start-up, about 8 minutes of training, 9.5 minutes in all from a fresh clone; test mAP50 0.588, mAP50:95
+0.460, strict attribute F1 0.695 (paper 0.703), cells AP50 0.761 (docs/results.md, session 18). The 2-core machine of
 sessions 1-9 ran 0.75-0.85 steps/s: there these 1,260 steps would take about 27 minutes, over the demo's 15; its
 420 steps (session 17's demo: mAP50 0.45, F1 0.56 by plain argmax, 0.62 with the attribute prior) fit in 13.5.
 The issue's quality targets (mAP50 0.90, F1 0.85) are missed. They are not above what this data allows: a crop
