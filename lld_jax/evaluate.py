@@ -58,13 +58,18 @@ def read_attribute_counts(path) -> np.ndarray:
   """The [A, V] counts that `write_attribute_counts` wrote."""
   with open(path) as f:
     table = json.load(f)
+  if not isinstance(table, dict):
+    raise ValueError(f'{path}: expected {{attribute: {{value: count}}}}, got a JSON {type(table).__name__}')
   counts = np.zeros((lld_format.NUM_ATTRIBUTES, max(lld_format.NUM_ATTRIBUTE_VALUES)), np.int64)
   for a, name in enumerate(lld_format.ATTRIBUTE_NAMES):
-    if set(table.get(name, {})) != set(lld_format.ATTRIBUTE_VALUES[a]):
+    values = table.get(name)
+    if not isinstance(values, dict) or set(values) != set(lld_format.ATTRIBUTE_VALUES[a]):
       raise ValueError(f'{path}: attribute {name!r} needs counts of exactly {list(lld_format.ATTRIBUTE_VALUES[a])}, '
-                       f'got {table.get(name)!r}')
+                       f'got {values!r}')
     for v, value in enumerate(lld_format.ATTRIBUTE_VALUES[a]):
-      counts[a, v] = int(table[name][value])
+      if not isinstance(values[value], int) or values[value] < 0:
+        raise ValueError(f'{path}: {name}/{value}: the count {values[value]!r} is not a non-negative integer')
+      counts[a, v] = values[value]
   return counts
 
 

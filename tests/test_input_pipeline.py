@@ -137,7 +137,6 @@ def test_evaluation_keeps_every_image(builder):
   assert sorted(indices.tolist()) == list(range(num_examples))
 
 
-
 def test_attribute_counts_equal_the_annotation_files(root, builder):
   with open(root / 'download' / 'H_100x_C1' / 'json_labels' / 'train.json') as f:
     annotations = json.load(f)['annotations']

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -309,7 +310,14 @@ def test_attribute_counts_file_with_other_values_names_the_file_and_attribute(tm
   table = json.loads(path.read_text())
   table['nucleolus'] = {'inconspicuous': 5, 'visible': 2}
   path.write_text(json.dumps(table))
-  with pytest.raises(ValueError, match=f"{path}: attribute 'nucleolus' needs counts of exactly"):
+  with pytest.raises(ValueError, match=re.escape(f"{path}: attribute 'nucleolus' needs counts of exactly")):
+    evaluate.read_attribute_counts(path)
+  table['nucleolus'] = {'inconspicuous': 5, 'prominent': -2}
+  path.write_text(json.dumps(table))
+  with pytest.raises(ValueError, match=re.escape(f'{path}: nucleolus/prominent: the count -2 is not')):
+    evaluate.read_attribute_counts(path)
+  path.write_text('[]')
+  with pytest.raises(ValueError, match=re.escape(f'{path}: expected')):
     evaluate.read_attribute_counts(path)
 
 
