@@ -50,8 +50,9 @@ def write_attribute_counts(counts, path):
   """{attribute: {value: count}} of the training cells, what `lld_jax.predict` reads to decide the attributes."""
   table = {name: {value: int(counts[a][v]) for v, value in enumerate(lld_format.ATTRIBUTE_VALUES[a])}
            for a, name in enumerate(lld_format.ATTRIBUTE_NAMES)}
-  with open(path, 'w') as f:
+  with open(f'{path}.tmp', 'w') as f:  # a run stopped while writing leaves the last whole file for its resumption
     json.dump(table, f, indent=1)
+  os.replace(f'{path}.tmp', path)
 
 
 def read_attribute_counts(path) -> np.ndarray:

@@ -206,7 +206,7 @@ def count_attribute_values(builder, split) -> np.ndarray:
   same counts."""
   skip = {'image': tfds.decode.SkipDecoding(), 'annotation_mask': tfds.decode.SkipDecoding()}
   ds = builder.as_dataset(split=split, decoders=skip)
-  num_attributes, num_values = len(lld_format.NUM_ATTRIBUTE_VALUES), max(lld_format.NUM_ATTRIBUTE_VALUES)
+  num_attributes, num_values = lld_format.NUM_ATTRIBUTES, max(lld_format.NUM_ATTRIBUTE_VALUES)
 
   def per_example(example):
     values = tf.reshape(tf.cast(example['objects']['attributes'], tf.int32), [-1, num_attributes])

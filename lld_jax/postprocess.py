@@ -90,6 +90,12 @@ def attribute_offsets(counts, num_values, strength):
   return np.where(valid, -float(strength) * np.log(prior), 0.0)
 
 
+def attribute_values(attribute_logits, offsets=None):
+  """The decided value [..., A] of each attribute: argmax over V of attribute_logits [..., A, V] plus `offsets`
+  [A, V] (`attribute_offsets`; None: the plain argmax)."""
+  return (attribute_logits if offsets is None else attribute_logits + offsets).argmax(-1)
+
+
 def cell_classifier_logits(outputs, rule):
   """The cell classifier's logits [..., Q, K] from a batch of model outputs when `rule` (eval.class_scores)
   asks for them, else None."""
@@ -133,8 +139,7 @@ def to_detections(logits, boxes, attribute_logits, canvas_size, scale, original_
   top, query, label, xyxy = top[keep], query[keep], label[keep], xyxy[keep]
   attribute_logits = attribute_logits[query].astype(np.float64)
   probs = _softmax(attribute_logits)
-  decisions = attribute_logits if attribute_logit_offsets is None else attribute_logits + attribute_logit_offsets
-  attributes = decisions.argmax(-1)
+  attributes = attribute_values(attribute_logits, attribute_logit_offsets)
   confidence = np.take_along_axis(probs, attributes[..., None], -1)[..., 0]
   return Detections(boxes=xyxy, scores=scores[top], labels=label.astype(np.int64),
                     attributes=attributes, attribute_confidence=confidence,

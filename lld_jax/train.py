@@ -190,6 +190,23 @@ def should_skip_images_without_region(builder, config, writer, step) -> bool:
   return True
 
 
+def training_attribute_counts(builder, config, workdir, resumed):
+  """The training split's attribute counts [A, V], by which evaluation and prediction decide the attribute values
+  (`eval.attribute_logit_adjustment`; None when it is off, and nothing is read). Written to
+  WORKDIR/attribute_counts.json for `lld_jax.predict`; a resumed run reads them back there instead of reading the
+  whole training split again."""
+  from lld_jax import evaluate  # evaluation pulls in pycocotools and matplotlib
+  if not evaluate.attribute_logit_adjustment(config):
+    return None
+  path = os.path.join(workdir, evaluate.ATTRIBUTE_COUNTS_FILE)
+  if resumed and os.path.exists(path):
+    return evaluate.read_attribute_counts(path)
+  counts = input_pipeline.count_attribute_values(builder, config.dataset.train_split)
+  if jax.process_index() == 0:
+    evaluate.write_attribute_counts(counts, path)
+  return counts
+
+
 def train_and_evaluate(config, workdir, stop_at_step=None):
   """Trains (resuming from `workdir`), evaluates periodically and returns the final host state.
 
@@ -210,10 +227,6 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
     f.write(config.to_json_best_effort(indent=2))
   with open(os.path.join(workdir, 'class_names.json'), 'w') as f:
     json.dump(list(info.class_names), f)
-  from lld_jax import evaluate  # evaluation pulls in pycocotools and matplotlib
-  # Evaluation and prediction weigh each attribute value by its prior (eval.attribute_logit_adjustment).
-  attribute_counts = input_pipeline.count_attribute_values(builder, config.dataset.train_split)
-  evaluate.write_attribute_counts(attribute_counts, os.path.join(workdir, evaluate.ATTRIBUTE_COUNTS_FILE))
   model = create_model(config, info.num_classes)
   state, tx = create_train_state(model, config, jax.random.PRNGKey(config.seed))
   check_workdir(workdir, state, config)
@@ -221,6 +234,7 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
   state = restore_latest(latest_manager, state)
   start_step = int(state.step)
   logging.info('starting at step %d of %d', start_step, config.total_steps)
+  attribute_counts = training_attribute_counts(builder, config, workdir, resumed=start_step > 0)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in flatten_config(config).items()})
@@ -294,6 +308,7 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
       else:
         save(step, replicated)
     if step % config.eval_every_steps == 0 or is_last:
+      from lld_jax import evaluate  # evaluation pulls in pycocotools and matplotlib
       with progress.timed('eval'):
         result = evaluate.evaluate_split(model, sharding.unreplicate(replicated), builder,
                                          config.dataset.eval_split, config, attribute_counts)

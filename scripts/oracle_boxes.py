@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 from lld_jax import evaluate
 from lld_jax import input_pipeline
 from lld_jax import metrics as metrics_lib
+from lld_jax import postprocess
 from lld_jax.models import detector
 from tfds_lld import lld_format
 
@@ -141,9 +142,7 @@ def oracle_predictions(truths, predict, builder, split, source_size, crop_size, 
   as `lld_jax.evaluate` decides them (`attribute_offsets`: `evaluate.attribute_logit_offsets`)."""
   crops, labels, _ = cell_crops(builder, split, source_size, crop_size)
   probabilities, attribute_logits = (np.asarray(x, np.float64) for x in predict(crops))
-  if attribute_offsets is not None:
-    attribute_logits = attribute_logits + attribute_offsets
-  attributes = attribute_logits.argmax(-1)
+  attributes = postprocess.attribute_values(attribute_logits, attribute_offsets)
   predictions, start = [], 0
   for truth in truths:
     n = len(truth.boxes)

@@ -74,6 +74,27 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   assert '| attributes/logit_adjustment | 1.000 |' in text
 
 
+def test_training_attribute_counts_read_back_on_resume_and_skipped_when_off(tiny_download, tmp_path):
+  config = tiny_config(tiny_download)
+  builder = input_pipeline.load_builder('lld', 'full', config.dataset.data_dir, config.dataset.manual_dir)
+  counted = input_pipeline.count_attribute_values(builder, 'train')
+  path = tmp_path / evaluate.ATTRIBUTE_COUNTS_FILE
+  np.testing.assert_array_equal(train.training_attribute_counts(builder, config, str(tmp_path), False), counted)
+  np.testing.assert_array_equal(evaluate.read_attribute_counts(path), counted)
+  assert not list(tmp_path.glob('*.tmp'))
+  marked = counted.copy()
+  marked[0, 0] += 1000
+  evaluate.write_attribute_counts(marked, path)
+  # A resumed run uses what its first start wrote; a fresh start counts the split again.
+  np.testing.assert_array_equal(train.training_attribute_counts(builder, config, str(tmp_path), True), marked)
+  np.testing.assert_array_equal(train.training_attribute_counts(builder, config, str(tmp_path), False), counted)
+  config.eval.attribute_logit_adjustment = 0.0
+  off = tmp_path / 'off'
+  off.mkdir()
+  assert train.training_attribute_counts(builder, config, str(off), False) is None
+  assert not (off / evaluate.ATTRIBUTE_COUNTS_FILE).exists()
+
+
 def test_config_overrides():
   config = parse_train_config(['--config=configs/synthetic_demo.py', '--config.total_steps=7',
                                '--config.model.num_queries=12', '--config.dataset.manual_dir=/data/lld'])
