@@ -23,13 +23,13 @@ from lld_jax.default_config import base_config
 
 def get_config():
   c = base_config()
-  c.total_steps = 1260
+  c.total_steps = 540
   c.per_device_batch_size = 4
   c.image_size = 256
   c.max_objects = 8  # the demo fields hold at most 6 cells; more would only pad the denoising groups
   c.log_every_steps = 20
-  c.eval_every_steps = 1260  # the final evaluation only: every second counts in a 15-minute demo
-  c.checkpoint_every_steps = 100
+  c.eval_every_steps = 540  # the final evaluation only: every second counts in a 15-minute demo
+  c.checkpoint_every_steps = 180
   c.dataset.name = 'lld'
   c.dataset.config = 'full'
   c.dataset.manual_dir = 'demo_run/download'
