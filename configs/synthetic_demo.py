@@ -7,7 +7,7 @@ r"""The demo: a small detector on the synthetic LLD download, on a CPU in minute
 
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
 Expected on the 2-core development machine of session 19 (Intel Xeon at 2.8 GHz with AVX-512): 1.2 steps/s
-(1.0-1.5 from minute to minute) after about a minute of start-up, 7.5 minutes of training, 11.5 minutes in all from
+(1.0-1.5 from minute to minute) after about a minute of start-up, 7 minutes of training, 10.5 minutes in all from
 a fresh clone; test mAP50 0.497, mAP50:95 0.354, strict attribute F1 0.644 (paper 0.656), cells AP50 0.721
 (docs/results.md, session 19; seed 1: 0.517, 0.384, 0.667, 0.725). The step count is what fits 15 minutes on such
 a machine with room for its slow minutes. The CPUs of earlier sessions ran 0.75-0.85 (sessions 1-9) and 2.6-2.8
