@@ -102,6 +102,13 @@ def _cell_cross_entropy(logits, dn_logits, values, final_assignment, outputs, ta
   return total / _global_count(count, axis_name)
 
 
+def crop_cross_entropy(logits, labels, axis_name=None):
+  """Mean cross-entropy of the cell classifier on true-cell crops (lld_jax.cell_crops): logits [B, N, K], labels
+  [B, N], the mean over every device's crops."""
+  total, count = losses.attribute_loss(logits[:, :, None, :], labels[:, :, None], jnp.ones(labels.shape, jnp.float32))
+  return total / _global_count(count, axis_name)
+
+
 def detection_loss(outputs, targets, loss_config, axis_name=None):
   """Total weighted loss and a dict of its terms.
 
@@ -167,6 +174,8 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
     terms['cell_class'] = _cell_cross_entropy(
         as_one_attribute(outputs['cell_class_logits']), as_one_attribute(outputs.get('dn_cell_class_logits')),
         targets['labels'][:, :, None], final_assignment, outputs, targets, axis_name)
+  if 'crop_class_logits' in outputs and loss_config.cell_class_weight:
+    terms['cell_class/crops'] = crop_cross_entropy(outputs['crop_class_logits'], targets['crop_labels'], axis_name)
 
   term_weights.update(attributes=loss_config.attribute_weight, cell_class=loss_config.cell_class_weight)
   total = 0.0

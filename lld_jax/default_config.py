@@ -17,6 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
   c.cache = True
+  # Per device and step: crops of that many true cells, drawn from the whole training split, that train the cell
+  # classifier alone (lld_jax.cell_crops; needs model.cell_crop_size and model.cell_class_refinement). 0: none.
+  c.cell_crop_batch_size = 0
   c.shuffle_buffer = 512
 
   c.dataset = ml_collections.ConfigDict()

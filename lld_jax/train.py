@@ -25,6 +25,7 @@ from ml_collections import config_flags
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lld_jax import cell_crops
 from lld_jax import input_pipeline
 from lld_jax import sharding
 from lld_jax.train_step import AXIS
@@ -243,7 +244,14 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
   train_ds = input_pipeline.train_dataset(
       builder, config.dataset.train_split, config, num_devices, config.seed, start_batch=start_step,
       skip_images_without_region=should_skip_images_without_region(builder, config, writer, start_step))
-  train_iter = sharding.prefetch_to_devices(train_ds.as_numpy_iterator())
+  host_batches = train_ds.as_numpy_iterator()
+  if config.cell_crop_batch_size:
+    pool = cell_crops.build_pool(builder, config.dataset.train_split, config)
+    writer.write_scalars(start_step, {'cell_crop_pool/cells': len(pool.labels),
+                                      'cell_crop_pool/left_out': pool.num_truncated})
+    host_batches = cell_crops.with_crops(host_batches, pool, start_step, config.seed, num_devices,
+                                         config.cell_crop_batch_size, config.augment.enabled)
+  train_iter = sharding.prefetch_to_devices(host_batches)
   p_train_step = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config), axis_name=AXIS,
                           donate_argnums=(0,))
   replicated = sharding.replicate(state)

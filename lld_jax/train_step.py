@@ -73,10 +73,10 @@ def learning_rate_schedule(config, base_rate):
       decay_steps=max(config.total_steps, o.warmup_steps + 1), end_value=base_rate * 0.01)
 
 
-# The per-cell heads: the CNN over each cell's pixels and the attribute head that reads it (attributes, class
-# refinement, the cell classifier). Trained from scratch on a few crops per image, they want a higher rate than
-# the set-prediction decoder tolerates (docs/results.md, session 7).
-CELL_HEAD_MODULES = ('cell_encoder', 'attribute_head')
+# The per-cell heads: the CNN over each cell's pixels, the cell classifier on it, and the attribute head that
+# reads it (attributes, class refinement). Trained from scratch on a few crops per image, they want a higher rate
+# than the set-prediction decoder tolerates (docs/results.md, session 7).
+CELL_HEAD_MODULES = ('cell_encoder', 'cell_classifier', 'attribute_head')
 
 
 def _rate_group(top_module):
@@ -182,9 +182,14 @@ def train_step(state: TrainState, batch, *, model, tx, config):
         max_pseudo=pseudo.max_per_image, with_attributes=pseudo.attributes, duplicate_iou=pseudo.duplicate_iou,
         on_images_without_region=pseudo.on_images_without_region)
 
+  cell_crops = None
+  if 'cell_crops' in batch:  # [N, S, S, 3] true cells from across the training split, for the cell classifier
+    cell_crops = batch['cell_crops'][None]
+    targets['crop_labels'] = batch['cell_crop_labels'][None]
+
   def loss_fn(params):
     outputs = model.apply({'params': params, **state.model_state}, batch['image'], batch['image_mask'], targets,
-                          train=True, rngs={'denoise': step_rng})
+                          train=True, rngs={'denoise': step_rng}, cell_crops=cell_crops)
     loss, terms = criterion.detection_loss(outputs, targets, config.loss, axis_name=AXIS)
     return loss, terms
 
@@ -241,6 +246,11 @@ def random_batch(config, num_devices, num_classes, seed=0):
   centre = rng.uniform(0.2, 0.8, lead + (t, 2))
   wh = rng.uniform(0.02, 0.2, lead + (t, 2))
   attributes = np.stack([rng.integers(0, v, lead + (t,)) for v in lld_format.NUM_ATTRIBUTE_VALUES], -1)
+  crops = {}
+  if config.cell_crop_batch_size:  # lld_jax.cell_crops
+    crop_lead, crop = (num_devices, config.cell_crop_batch_size), config.model.cell_crop_size
+    crops = {'cell_crops': rng.standard_normal(crop_lead + (crop, crop, 3), dtype=np.float32),
+             'cell_crop_labels': rng.integers(0, num_classes, crop_lead).astype(np.int32)}
   return {
       'image': rng.standard_normal(lead + (size, size, 3), dtype=np.float32),
       'image_mask': np.ones(lead + (size, size), np.float32),
@@ -250,4 +260,5 @@ def random_batch(config, num_devices, num_classes, seed=0):
       'weight': np.ones(lead + (t,), np.float32),
       'annotation_mask': np.ones(lead + (size // matching.MASK_STRIDE,) * 2, np.float32),
       'num_truncated': np.zeros(lead, np.int32),
+      **crops,
   }

@@ -561,3 +561,18 @@ def test_train_step_weighs_the_region_negatives_only_on_sparse_fields():
   for term in ('loss/class/layer0', 'loss/dn_class/layer0'):
     assert sparse_weighted[term] > (1 + 1e-5) * sparse_plain[term], term
   assert sparse_weighted['loss/l1/layer0'] == pytest.approx(sparse_plain['loss/l1/layer0'], rel=1e-5)
+
+
+def test_crop_cross_entropy_is_the_mean_over_every_devices_crops():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 2, (2, 1, 5, K)).astype(np.float32)  # [devices, 1, crops, classes]
+  labels = rng.integers(0, K, (2, 1, 5)).astype(np.int32)
+  expected = np.mean([-_log_softmax(logits[d, 0, n])[labels[d, 0, n]] for d in range(2) for n in range(5)])
+  devices = jax.local_devices()[:2]
+  per_device = jax.pmap(functools.partial(criterion.crop_cross_entropy, axis_name='batch'), axis_name='batch',
+                        devices=devices)(logits, labels)
+  # Each device's loss is its own sum over the mean count; their mean (what the step's pmean of gradients
+  # amounts to) is the mean over all crops.
+  np.testing.assert_allclose(float(np.mean(per_device)), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(criterion.crop_cross_entropy(logits[0], labels[0])),
+                             np.mean([-_log_softmax(logits[0, 0, n])[labels[0, 0, n]] for n in range(5)]), rtol=1e-5)

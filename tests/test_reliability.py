@@ -60,6 +60,7 @@ def _assert_same_run(workdir, reference):
   _assert_same_fields(state, reference_state, ('params', 'ema_params', 'opt_state'))
   logged, expected = _comparable(_logged_scalars(workdir)), _comparable(_logged_scalars(reference_dir))
   assert ('eval/mAP50', TOTAL_STEPS) in expected and ('loss', TOTAL_STEPS) in expected
+  assert ('loss/cell_class/crops', TOTAL_STEPS) in expected  # the true-cell crop stream resumed with the rest
   assert logged == expected
 
 

@@ -194,36 +194,50 @@ def roi_sample(feature_map, boxes, size, margin=0.0):
   return bilinear_sample(feature_map[:, :, :, None, :], locations[:, :, None])[:, :, 0]
 
 
-def crop_cells(images, boxes, crop_size, margin):
+# Each cell's box grows by this fraction of its size on every side before the crop, so that its outline is inside.
+CELL_CROP_MARGIN = 0.1
+
+
+def crop_cells(images, boxes, crop_size, margin=CELL_CROP_MARGIN):
   """Bilinear crops [B, N, S, S, C] of images [B, H, W, C] at normalized cxcywh boxes [B, N, 4], each box grown
-  by `margin` on every side so that the cell's outline is inside the crop."""
+  by `margin` on every side."""
   crops = roi_sample(images, boxes, crop_size, margin)
   return crops.reshape(boxes.shape[:2] + (crop_size, crop_size, images.shape[-1]))
 
 
 class CellCropEncoder(nn.Module):
-  """A small CNN over each object's own pixels, cropped from the full-resolution input at its box.
+  """A small CNN over each object's own pixels (`crop_cells` from the full-resolution input at its box).
 
   The detector's feature maps are 8x coarser than the input or more, and a cell's nucleoli, vacuoles, granules
   and chromatin texture are a few input pixels wide: only the pixels themselves still show them.
-  Returns [B, N, T, hidden_dim] tokens (T = (S/8)^2 positions of the cell).
+  crops [B, N, S, S, C] -> [B, N, T, hidden_dim] tokens (T = (S/8)^2 positions of the cell).
   """
   hidden_dim: int
-  crop_size: int = 40
-  margin: float = 0.1
   widths: Sequence[int] = (16, 32, 48, 64)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, boxes):
-    batch, num_objects = boxes.shape[:2]
-    crops = crop_cells(images.astype(self.dtype), boxes, self.crop_size, self.margin)
-    x = crops.reshape((batch * num_objects,) + crops.shape[2:])
+  def __call__(self, crops):
+    batch, num_objects = crops.shape[:2]
+    x = crops.astype(self.dtype).reshape((batch * num_objects,) + crops.shape[2:])
     for i, width in enumerate(self.widths):
       x = ConvNorm(width, 3, stride=1 if i == 0 else 2, dtype=self.dtype, name=f'conv{i}')(x)
     tokens = nn.Dense(self.hidden_dim, dtype=self.dtype, name='proj')(x.reshape(x.shape[0], -1, x.shape[-1]))
     tokens = tokens + self.param('position', nn.initializers.normal(0.02), tokens.shape[1:])
     return tokens.reshape(batch, num_objects, -1, self.hidden_dim)
+
+
+class CellClassifier(nn.Module):
+  """The class of a cell from its crop tokens alone [B, N, T, C] -> softmax logits [B, N, K]: a linear classifier
+  on the pooled tokens, trained by a cross-entropy that is blind to duplicates (the decoder's sigmoid scores must
+  also tell the one answer to a cell from its duplicates, which look alike)."""
+  num_classes: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, cell_tokens):
+    pooled = nn.LayerNorm(dtype=self.dtype, name='norm')(cell_tokens.mean(2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='dense')(pooled).astype(jnp.float32)
 
 
 class AttributeHead(nn.Module):
@@ -232,12 +246,9 @@ class AttributeHead(nn.Module):
   `cell_tokens`, when given), then classifies that attribute.
 
   With `num_classes`, one more query reads the same tokens and returns class logits [B, N, K] that refine the
-  decoder's (zero at initialization). With `num_classes` and `cell_tokens`, a linear classifier on the pooled
-  crop tokens also returns softmax logits [B, N, K] of the cell's class alone, trained by a cross-entropy that is
-  blind to duplicates (the decoder's sigmoid scores must also tell the one answer to a cell from its duplicates,
-  which look alike). `mode='mlp'` replaces the queries by a plain MLP per attribute on the decoder output
-  (ablation).
-  Returns (attribute logits [B, N, A, V], class logits [B, N, K] or None, cell-class logits [B, N, K] or None).
+  decoder's (zero at initialization). `mode='mlp'` replaces the queries by a plain MLP per attribute on the
+  decoder output (ablation).
+  Returns (attribute logits [B, N, A, V], class logits [B, N, K] or None).
   """
   num_values: Sequence[int]
   hidden_dim: int
@@ -251,7 +262,7 @@ class AttributeHead(nn.Module):
   def __call__(self, object_features, boxes, feature_map, feature_mask, cell_tokens=None):
     num_attributes, max_values = len(self.num_values), max(self.num_values)
     batch, num_objects, _ = object_features.shape
-    class_logits = cell_class_logits = None
+    class_logits = None
     if self.mode == 'query':
       masked_map = feature_map * feature_mask[..., None].astype(feature_map.dtype)
       roi = roi_sample(masked_map, boxes, self.roi_size)  # [B, N, R, C]
@@ -277,19 +288,13 @@ class AttributeHead(nn.Module):
       if self.num_classes:
         class_logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                                 name='class_refinement')(x[:, :, num_attributes]).astype(jnp.float32)
-        if cell_tokens is not None:
-          # Pooled crop features only: the shared attention above stays the attributes' (a cross-entropy
-          # there from the first step cost attribute F1 in our A/B).
-          pooled = nn.LayerNorm(dtype=self.dtype, name='cell_classifier_norm')(cell_tokens.mean(2))
-          cell_class_logits = nn.Dense(self.num_classes, dtype=self.dtype, name='cell_classifier')(
-              pooled).astype(jnp.float32)
     elif self.mode == 'mlp':
       logits = jnp.stack([MLP(self.hidden_dim, max_values, 2, self.dtype, name=f'attribute{a}')(object_features)
                           for a in range(num_attributes)], axis=2).astype(jnp.float32)
     else:
       raise ValueError(f'unknown attribute head {self.mode!r}; expected query or mlp')
     allowed = jnp.arange(max_values)[None, :] < jnp.asarray(self.num_values)[:, None]  # [A, V]
-    return jnp.where(allowed, logits, _NEG_INF), class_logits, cell_class_logits
+    return jnp.where(allowed, logits, _NEG_INF), class_logits
 
 
 def token_anchors(shapes, masks, base_size=0.05):
@@ -376,9 +381,11 @@ class Detector(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, image_mask, targets=None, train: bool = False):
+  def __call__(self, images, image_mask, targets=None, train: bool = False, cell_crops=None):
     """images [B, H, W, 3] normalized; image_mask [B, H, W] (1 = image, 0 = padding). `targets` (dict with
-    labels [B, T], boxes [B, T, 4], weight [B, T]) switches on the denoising queries when training."""
+    labels [B, T], boxes [B, T, 4], weight [B, T]) switches on the denoising queries when training.
+    `cell_crops` [B', N, S, S, 3] (`crop_cells` of true cells, see lld_jax.cell_crops) go through the cell
+    classifier alone: `crop_class_logits` [B', N, K]."""
     backbone = resnet.ResNet(depth=self.backbone_depth, norm=self.backbone_norm, width=self.backbone_width,
                              dtype=self.dtype, name='backbone')
     # With input_stride > 1 the backbone reads a downsampled copy; the full resolution serves the cell crops.
@@ -464,14 +471,24 @@ class Detector(nn.Module):
                           else all_boxes[-1][:, :num_attribute_dn])
     attribute_boxes = jnp.concatenate([dn_attribute_boxes, all_boxes[-1][:, num_denoising:]], 1)
     attribute_boxes = jax.lax.stop_gradient(attribute_boxes)
-    cell_tokens = None
-    if self.cell_crop_size:
-      cell_tokens = CellCropEncoder(self.hidden_dim, self.cell_crop_size, dtype=self.dtype, name='cell_encoder')(
-          images, attribute_boxes)
+    cell_tokens = cell_class_logits = None
     if (self.cell_crop_size or self.cell_class_refinement) and self.attribute_head != 'query':
       raise ValueError(f'model.cell_crop_size / model.cell_class_refinement need attribute_head=query (the queries '
                        f'read the crops), got attribute_head={self.attribute_head!r}')
-    attribute_logits, class_refinement, cell_class_logits = AttributeHead(
+    if cell_crops is not None and not (self.cell_crop_size and self.cell_class_refinement):
+      raise ValueError('cell crops need the cell classifier: model.cell_crop_size > 0 and '
+                       'model.cell_class_refinement=True')
+    if self.cell_crop_size:
+      cell_encoder = CellCropEncoder(self.hidden_dim, dtype=self.dtype, name='cell_encoder')
+      cell_tokens = cell_encoder(crop_cells(images.astype(self.dtype), attribute_boxes, self.cell_crop_size))
+      if self.cell_class_refinement:
+        # Crop features only: the attribute head's shared attention stays the attributes' (a cross-entropy there
+        # from the first step cost attribute F1 in our A/B).
+        cell_classifier = CellClassifier(self.num_classes, self.dtype, name='cell_classifier')
+        cell_class_logits = cell_classifier(cell_tokens)
+        if cell_crops is not None:
+          outputs['crop_class_logits'] = cell_classifier(cell_encoder(cell_crops))
+    attribute_logits, class_refinement = AttributeHead(
         self.attribute_values, self.hidden_dim, roi_size=self.roi_size, mode=self.attribute_head,
         num_classes=self.num_classes if self.cell_class_refinement else 0, dtype=self.dtype, name='attribute_head')(
             attribute_queries, attribute_boxes, levels[0], masks[0], cell_tokens)

@@ -1,0 +1,95 @@
+"""A stream of true-cell crops from the whole training split, for the cell classifier.
+
+Each training step shows the detector a few fields, hence a few dozen cells; the cell classifier (a small CNN
+on each cell's own pixels, `detector.CellClassifier`) learns from those alone and stays far below what the
+same CNN reaches on crops of the true boxes in the same time (docs/results.md, session 20). `build_pool` crops
+every annotated cell of the split once, as the model sees it (the field resized to the canvas, no augmentation),
+with some context around the crop; `sample` then draws `cell_crop_batch_size` of them per device and step,
+each shifted by up to an eighth of its side (a box that is a little off), flipped, and with each colour channel
+scaled by 0.85-1.15 (stains vary). The draws depend on the seed, the process and the step only, so a resumed run
+sees the same crops.
+"""
+
+import dataclasses
+import functools
+
+from absl import logging
+import jax
+import numpy as np
+
+from lld_jax import input_pipeline
+from lld_jax.models import detector
+
+_CHANNEL_JITTER = 0.15
+
+
+@dataclasses.dataclass
+class CellCropPool:
+  crops: np.ndarray  # [N, P, P, 3] uint8 pixels, P = crop_size + 2 * shift
+  labels: np.ndarray  # [N] int32 class ids
+  crop_size: int  # S: what the model's cell encoder reads
+  num_truncated: int  # cells of the split left out because their field held more than max_objects
+
+  @property
+  def shift(self):
+    return (self.crops.shape[1] - self.crop_size) // 2
+
+
+def context_margin(crop_size, shift):
+  """The box margin whose crop of side crop_size + 2 * shift holds, at its centre, exactly the model's crop of
+  side crop_size (margin detector.CELL_CROP_MARGIN): both grids have the same pitch and centre."""
+  side = (1 + 2 * detector.CELL_CROP_MARGIN) * (crop_size + 2 * shift) / crop_size
+  return (side - 1) / 2
+
+
+def build_pool(builder, split, config) -> CellCropPool:
+  """Every annotated cell of `split` (at most config.max_objects a field), cropped as `detector.crop_cells` does
+  from the field the model sees, with `crop_size // 8` pixels of context on each side."""
+  crop_size = config.model.cell_crop_size
+  if not (crop_size and config.model.cell_class_refinement):
+    raise ValueError(f'cell_crop_batch_size={config.cell_crop_batch_size} needs the cell classifier: '
+                     'model.cell_crop_size > 0 and model.cell_class_refinement=True')
+  shift = max(crop_size // 8, 1)
+  side = crop_size + 2 * shift
+  crop = jax.jit(functools.partial(detector.crop_cells, crop_size=side, margin=context_margin(crop_size, shift)))
+  mean, std = np.asarray(input_pipeline.IMAGENET_MEAN), np.asarray(input_pipeline.IMAGENET_STD)
+  crops, labels, truncated = [], [], 0
+  for batch in input_pipeline.eval_dataset(builder, split, config, 1).as_numpy_iterator():
+    cut = {k: v[0] for k, v in batch.items()}  # one device
+    pixels = np.asarray(crop(cut['image'], cut['boxes']))  # [B, T, P, P, 3] normalized
+    keep = (cut['weight'] > 0) & cut['example_valid'][:, None]
+    crops.append(np.clip(np.round((pixels[keep] * std + mean) * 255.0), 0, 255).astype(np.uint8))
+    labels.append(cut['labels'][keep].astype(np.int32))
+    truncated += int(cut['num_truncated'][cut['example_valid']].sum())
+  pool = CellCropPool(np.concatenate(crops), np.concatenate(labels), crop_size, truncated)
+  if not len(pool.labels):
+    raise ValueError(f'cell_crop_batch_size={config.cell_crop_batch_size}: the {split} split has no annotated cell')
+  logging.info('cell crop pool: %d cells of %s (%d left out: fields with more than max_objects=%d cells)',
+               len(pool.labels), split, truncated, config.max_objects)
+  return pool
+
+
+def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True):
+  """{'cell_crops': [D, n, S, S, 3] normalized as the model's input, 'cell_crop_labels': [D, n]} for `step`."""
+  rng = np.random.default_rng([seed, jax.process_index(), step])
+  count = num_devices * per_device
+  index = rng.integers(0, len(pool.labels), count)
+  shift, size = pool.shift, pool.crop_size
+  dy, dx = (rng.integers(0, 2 * shift + 1, (2, count)) if augment else np.full((2, count), shift))
+  rows = dy[:, None] + np.arange(size)  # [n, S]
+  cols = dx[:, None] + np.arange(size)
+  crops = pool.crops[index[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32) / 255.0
+  if augment:
+    flip_h, flip_v = rng.random((2, count)) < 0.5
+    crops[flip_h] = crops[flip_h, :, ::-1]
+    crops[flip_v] = crops[flip_v, ::-1]
+    crops *= rng.uniform(1 - _CHANNEL_JITTER, 1 + _CHANNEL_JITTER, (count, 1, 1, 3))
+  crops = (np.clip(crops, 0, 1) - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
+  return {'cell_crops': crops.astype(np.float32).reshape((num_devices, per_device, size, size, 3)),
+          'cell_crop_labels': pool.labels[index].reshape(num_devices, per_device)}
+
+
+def with_crops(batches, pool, start_step, seed, num_devices, per_device, augment=True):
+  """The host batches of `batches` (from step `start_step` on), each with its step's crops."""
+  for step, batch in enumerate(batches, start_step):
+    yield {**batch, **sample(pool, step, seed, num_devices, per_device, augment)}

@@ -1,0 +1,71 @@
+"""The true-cell crop stream: what `sample` draws from a pool (the pool's crops themselves are checked against
+the model's own crops in test_overfit, which builds a dataset)."""
+
+import numpy as np
+import pytest
+
+from lld_jax import cell_crops
+from lld_jax import input_pipeline
+from lld_jax.models import detector
+
+# Uniform crops, so that a shift or a flip leaves them as they are; neighbouring values differ by more than the
+# channel jitter can bridge (a factor of 1.15 / 0.85), so each drawn crop still tells which cell it came from.
+VALUES = np.array([10, 40, 90, 160, 250])
+LABELS = np.array([3, 1, 4, 0, 2], np.int32)
+
+
+def _pool(crop_size=8, shift=1):
+  side = crop_size + 2 * shift
+  crops = np.broadcast_to(VALUES[:, None, None, None], (len(VALUES), side, side, 3)).astype(np.uint8)
+  return cell_crops.CellCropPool(np.ascontiguousarray(crops), LABELS, crop_size, num_truncated=0)
+
+
+def _pixels(normalized):
+  return (normalized * input_pipeline.IMAGENET_STD + input_pipeline.IMAGENET_MEAN) * 255.0
+
+
+@pytest.mark.parametrize('augment', [False, True])
+def test_each_crop_keeps_its_label(augment):
+  drawn = cell_crops.sample(_pool(), step=3, seed=0, num_devices=2, per_device=16, augment=augment)
+  assert drawn['cell_crops'].shape == (2, 16, 8, 8, 3) and drawn['cell_crops'].dtype == np.float32
+  assert drawn['cell_crop_labels'].shape == (2, 16)
+  pixels = _pixels(drawn['cell_crops']).reshape(32, -1, 3)
+  source = np.abs(np.log(pixels.mean(1))[..., None] - np.log(VALUES)).argmin(-1)  # [32 crops, 3 channels]
+  assert (source == source[:, :1]).all()  # every channel points at the same cell
+  np.testing.assert_array_equal(LABELS[source[:, 0]], drawn['cell_crop_labels'].ravel())
+  if not augment:
+    np.testing.assert_allclose(pixels, np.broadcast_to(VALUES[source[:, :1], None], pixels.shape), atol=1e-3)
+  assert len(set(source[:, 0])) > 1
+
+
+def test_draws_depend_on_seed_and_step_only():
+  pool = _pool()
+  rng = np.random.default_rng(0)
+  pool.crops[:] = rng.integers(0, 256, pool.crops.shape)  # texture, so that shifts and flips show
+  first = cell_crops.sample(pool, step=5, seed=1, num_devices=1, per_device=8)
+  again = cell_crops.sample(pool, step=5, seed=1, num_devices=1, per_device=8)
+  for key in first:
+    np.testing.assert_array_equal(first[key], again[key])
+  assert not np.array_equal(first['cell_crops'], cell_crops.sample(pool, 6, 1, 1, 8)['cell_crops'])
+  assert not np.array_equal(first['cell_crops'], cell_crops.sample(pool, 5, 2, 1, 8)['cell_crops'])
+
+
+def test_unaugmented_draw_is_the_pools_centre():
+  pool = _pool(crop_size=8, shift=2)
+  pool.crops[:] = np.random.default_rng(1).integers(0, 256, pool.crops.shape)
+  drawn = cell_crops.sample(pool, step=0, seed=0, num_devices=1, per_device=4, augment=False)
+  pixels = _pixels(drawn['cell_crops'][0])
+  sources = [int(np.flatnonzero(LABELS == label)[0]) for label in drawn['cell_crop_labels'][0]]
+  np.testing.assert_allclose(pixels, pool.crops[sources, 2:10, 2:10].astype(np.float64), atol=1e-3)
+
+
+def test_context_margin_puts_the_models_crop_at_the_centre():
+  """A crop with context, cut to its centre, samples the image where the model's own crop of the box does."""
+  rng = np.random.default_rng(2)
+  image = rng.normal(size=(1, 48, 48, 3)).astype(np.float32)
+  boxes = np.array([[[0.45, 0.5, 0.3, 0.4], [0.6, 0.4, 0.25, 0.2]]], np.float32)
+  crop_size, shift = 8, 1
+  model_crop = np.asarray(detector.crop_cells(image, boxes, crop_size))
+  wide = np.asarray(detector.crop_cells(image, boxes, crop_size + 2 * shift,
+                                        cell_crops.context_margin(crop_size, shift)))
+  np.testing.assert_allclose(wide[:, :, shift:-shift, shift:-shift], model_crop, atol=1e-5)
