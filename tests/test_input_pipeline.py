@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from lld_jax import cell_crops
 from lld_jax import input_pipeline
 from lld_jax import train_step
 from tfds_lld import lld_format
@@ -111,9 +112,14 @@ def test_random_batch_of_the_benchmarks_has_the_pipelines_format(builder):
   """The GPU benchmark's random batches (no TensorFlow there) stand for real ones: what the train step reads has the
   same shapes and dtypes (the real batch also carries what evaluation reads: scale, original size, index)."""
   config = _config()
+  config.cell_crop_batch_size = 3
+  config.model = ml_collections.ConfigDict({'cell_crop_size': 8})
   real = next(input_pipeline.train_dataset(builder, 'train', config, 2, 0).as_numpy_iterator())
+  # The trainer adds the true-cell crops (lld_jax.cell_crops) to each batch.
+  pool = cell_crops.CellCropPool(np.zeros((5, 10, 10, 3), np.uint8), np.arange(5, dtype=np.int32), 8, 0)
+  real.update(cell_crops.sample(pool, 0, 0, 2, config.cell_crop_batch_size))
   random = train_step.random_batch(config, 2, lld_format.NUM_CLASSES)
-  assert set(random) <= set(real) and {'image', 'boxes', 'labels', 'annotation_mask'} <= set(random)
+  assert set(random) <= set(real) and {'image', 'boxes', 'labels', 'annotation_mask', 'cell_crops'} <= set(random)
   for key in random:
     assert (random[key].shape, random[key].dtype) == (real[key].shape, real[key].dtype), key
 
