@@ -92,7 +92,6 @@ def test_tiny_model_overfits_two_images(two_images):
   assert result['attributes/mean_f1_strict'] > 0.9, result['attributes/mean_f1_strict']
 
 
-
 def test_crop_pool_holds_each_training_cell_as_the_model_reads_it(two_images):
   """The crop stream's pool (lld_jax.cell_crops) holds every cell of the split; cut to its centre, each is the
   crop the model itself reads at the cell's true box (detector.crop_cells, as Detector calls it), up to the
