@@ -46,6 +46,7 @@ def get_config():
   c.model.cell_crop_size = 32
   c.model.cell_class_refinement = True
   c.model.dn_cells_at_true_boxes = True  # the cell classifier learns from crops of cells from the first step
+  c.model.cell_class_flips = True  # mAP50 +0.014 / +0.015 on two seeds at no training cost (session 21)
   c.model.hidden_dim = 96
   c.model.num_heads = 4
   c.model.ffn_dim = 384

@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The first denoising group's positives, which train the attribute head and the cell classifier, read their
   # cells at the true boxes instead of at their refined boxes.
   c.model.dn_cells_at_true_boxes = False
+  # At evaluation the cell classifier also reads each crop flipped three ways and averages its log-probabilities.
+  c.model.cell_class_flips = False
   c.model.dtype = 'float32'  # 'bfloat16' on accelerators
 
   c.loss = ml_collections.ConfigDict()

@@ -264,3 +264,31 @@ def test_cell_crops_need_the_query_attribute_head():
   model = MODEL.clone(attribute_head='mlp', cell_crop_size=8)
   with np.testing.assert_raises_regex(ValueError, 'attribute_head=query'):
     jax.eval_shape(functools.partial(model.init, train=False), {'params': jax.random.PRNGKey(0)}, images, image_mask)
+
+
+def test_cell_class_flips_average_the_classifier_over_the_flipped_crops():
+  """With `cell_class_flips`, evaluation's cell-class logits are the mean log-probabilities of the classifier on
+  each query's crop and its three flips; nothing else moves."""
+  images, image_mask, targets = _inputs()
+  rngs = {'params': jax.random.PRNGKey(0), 'denoise': jax.random.PRNGKey(1)}
+  variables = jax.jit(functools.partial(CELL_MODEL.init, train=True), compiler_options=FAST_COMPILE)(
+      rngs, images, image_mask, targets)
+  flipping = CELL_MODEL.clone(cell_class_flips=True)
+  evaluate = {model: jax.jit(functools.partial(model.apply, train=False), compiler_options=FAST_COMPILE)
+              for model in (CELL_MODEL, flipping)}
+  plain, flipped = (evaluate[model](variables, images, image_mask) for model in (CELL_MODEL, flipping))
+  for name in ('pred_logits', 'pred_boxes', 'attribute_logits'):
+    np.testing.assert_allclose(flipped[name], plain[name], atol=1e-6, err_msg=name)
+
+  params = variables['params']
+  crops = detector.crop_cells(images, plain['pred_boxes'][-1], CELL_MODEL.cell_crop_size)
+  encoder = detector.CellCropEncoder(CELL_MODEL.hidden_dim)
+  classifier = detector.CellClassifier(NUM_CLASSES)
+  views = [crops, crops[:, :, :, ::-1], crops[:, :, ::-1], crops[:, :, ::-1, ::-1]]
+  log_probs = [jax.nn.log_softmax(classifier.apply({'params': params['cell_classifier']}, encoder.apply(
+      {'params': params['cell_encoder']}, view))) for view in views]
+  np.testing.assert_allclose(plain['cell_class_logits'], classifier.apply(
+      {'params': params['cell_classifier']}, encoder.apply({'params': params['cell_encoder']}, crops)), atol=1e-4)
+  np.testing.assert_allclose(flipped['cell_class_logits'], np.mean(log_probs, 0), atol=1e-4)
+  assert not np.allclose(jax.nn.log_softmax(plain['cell_class_logits']), flipped['cell_class_logits'], atol=1e-3)
+

@@ -240,6 +240,14 @@ class CellClassifier(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='dense')(pooled).astype(jnp.float32)
 
 
+def flip_averaged_log_probs(cell_classifier, cell_encoder, crops, logits):
+  """The classifier's log-probabilities averaged over the crop and its three flips [B, N, K]: a cell has no
+  orientation (the training crops are flipped at random), and averaging the views steadies the class."""
+  views = [logits] + [cell_classifier(cell_encoder(v)) for v in
+                      (crops[:, :, :, ::-1], crops[:, :, ::-1], crops[:, :, ::-1, ::-1])]
+  return jnp.mean(jnp.stack([jax.nn.log_softmax(v) for v in views]), 0)
+
+
 class AttributeHead(nn.Module):
   """Attribute queries: one learned query per attribute, added to its object's decoder output, cross-attends to
   RoI-aligned high-resolution features inside the object's box (and to the tokens of the object's own pixels,
@@ -378,6 +386,7 @@ class Detector(nn.Module):
   cell_crop_size: int = 0
   cell_class_refinement: bool = False
   dn_cells_at_true_boxes: bool = False
+  cell_class_flips: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -480,12 +489,15 @@ class Detector(nn.Module):
                        'model.cell_class_refinement=True')
     if self.cell_crop_size:
       cell_encoder = CellCropEncoder(self.hidden_dim, dtype=self.dtype, name='cell_encoder')
-      cell_tokens = cell_encoder(crop_cells(images.astype(self.dtype), attribute_boxes, self.cell_crop_size))
+      crops = crop_cells(images.astype(self.dtype), attribute_boxes, self.cell_crop_size)
+      cell_tokens = cell_encoder(crops)
       if self.cell_class_refinement:
         # Crop features only: the attribute head's shared attention stays the attributes' (a cross-entropy there
         # from the first step cost attribute F1 in our A/B).
         cell_classifier = CellClassifier(self.num_classes, self.dtype, name='cell_classifier')
         cell_class_logits = cell_classifier(cell_tokens)
+        if self.cell_class_flips and not train:
+          cell_class_logits = flip_averaged_log_probs(cell_classifier, cell_encoder, crops, cell_class_logits)
         if cell_crops is not None:
           outputs['crop_class_logits'] = cell_classifier(cell_encoder(cell_crops))
     attribute_logits, class_refinement = AttributeHead(
