@@ -69,9 +69,10 @@ def build_pool(builder, split, config) -> CellCropPool:
   return pool
 
 
-def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True):
-  """{'cell_crops': [D, n, S, S, 3] normalized as the model's input, 'cell_crop_labels': [D, n]} for `step`."""
-  rng = np.random.default_rng([seed, jax.process_index(), step])
+def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True, stream=0):
+  """{'cell_crops': [D, n, S, S, 3] normalized as the model's input, 'cell_crop_labels': [D, n]} for `step`;
+  another `stream` draws other crops for the same step (the training steps draw stream 0)."""
+  rng = np.random.default_rng([seed, jax.process_index(), step] + ([stream] if stream else []))
   count = num_devices * per_device
   index = rng.integers(0, len(pool.labels), count)
   shift, size = pool.shift, pool.crop_size

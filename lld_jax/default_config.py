@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Per device and step: crops of that many true cells, drawn from the whole training split, that train the cell
   # classifier alone (lld_jax.cell_crops; needs model.cell_crop_size and model.cell_class_refinement). 0: none.
   c.cell_crop_batch_size = 0
+  # Steps of those crops (cell_crop_batch_size per device) that train the cell classifier alone before the
+  # detector's first step (lld_jax.cell_head_warmup). 0: none.
+  c.cell_crop_warmup_steps = 0
   c.shuffle_buffer = 512
 
   c.dataset = ml_collections.ConfigDict()

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lld_jax import cell_crops
+from lld_jax import cell_head_warmup
 from lld_jax import input_pipeline
 from lld_jax import sharding
 from lld_jax.train_step import AXIS
@@ -245,10 +246,15 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
       builder, config.dataset.train_split, config, num_devices, config.seed, start_batch=start_step,
       skip_images_without_region=should_skip_images_without_region(builder, config, writer, start_step))
   host_batches = train_ds.as_numpy_iterator()
+  cell_head_warmup.check_config(config)
   if config.cell_crop_batch_size:
     pool = cell_crops.build_pool(builder, config.dataset.train_split, config)
     writer.write_scalars(start_step, {'cell_crop_pool/cells': len(pool.labels),
                                       'cell_crop_pool/left_out': pool.num_truncated})
+    if config.cell_crop_warmup_steps and start_step == 0:
+      params, tenths = cell_head_warmup.warm_up(state.params, pool, config, info.num_classes)
+      state = state.replace(params=params, ema_params=params)
+      writer.write_scalars(0, {'cell_head_warmup/first_loss': tenths[0], 'cell_head_warmup/last_loss': tenths[-1]})
     host_batches = cell_crops.with_crops(host_batches, pool, start_step, config.seed, num_devices,
                                          config.cell_crop_batch_size, config.augment.enabled)
   train_iter = sharding.prefetch_to_devices(host_batches)

@@ -38,7 +38,7 @@ def test_each_crop_keeps_its_label(augment):
   assert len(set(source[:, 0])) > 1
 
 
-def test_draws_depend_on_seed_and_step_only():
+def test_draws_depend_on_seed_step_and_stream_only():
   pool = _pool()
   rng = np.random.default_rng(0)
   pool.crops[:] = rng.integers(0, 256, pool.crops.shape)  # texture, so that shifts and flips show
@@ -48,6 +48,9 @@ def test_draws_depend_on_seed_and_step_only():
     np.testing.assert_array_equal(first[key], again[key])
   assert not np.array_equal(first['cell_crops'], cell_crops.sample(pool, 6, 1, 1, 8)['cell_crops'])
   assert not np.array_equal(first['cell_crops'], cell_crops.sample(pool, 5, 2, 1, 8)['cell_crops'])
+  # The warm-up's stream (lld_jax.cell_head_warmup) draws other crops for the same step.
+  assert not np.array_equal(first['cell_crops'], cell_crops.sample(pool, 5, 1, 1, 8, stream=1)['cell_crops'])
+  np.testing.assert_array_equal(first['cell_crops'], cell_crops.sample(pool, 5, 1, 1, 8, stream=0)['cell_crops'])
 
 
 def test_unaugmented_draw_is_the_pools_centre():

@@ -23,6 +23,7 @@ def tiny_config(root, **overrides):
   c.checkpoint_every_steps = 2
   c.shuffle_buffer = 8
   c.cell_crop_batch_size = 4  # the crop stream must resume exactly too
+  c.cell_crop_warmup_steps = 2  # a fresh run only: a resumed run must not warm the cell heads up again
   c.dataset.manual_dir = str(root / 'download')
   c.dataset.data_dir = str(root / 'tfds')
   c.model.backbone_width = 8

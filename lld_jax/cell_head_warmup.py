@@ -1,0 +1,85 @@
+"""Warm-up of the cell classifier on true-cell crops, before the detector's first step.
+
+The cell classifier (`detector.CellCropEncoder` and `detector.CellClassifier`, a small CNN on each cell's own
+pixels) names the cells the detector finds. In a short run it is what limits mAP: the decoder finds nearly every
+cell, the classifier names too few of them right (docs/results.md, sessions 20-21). On its own, on crops of the
+true cells (`lld_jax.cell_crops`), it runs a step in a few milliseconds, where the detector's step takes
+hundreds: so it first learns alone for `cell_crop_warmup_steps` steps, then the detector trains with a classifier
+(and crop encoder, whose tokens the attribute queries read) that already tells the cells apart.
+
+The warm-up is part of a fresh run only: its draws depend on the seed, so a run resumed from a checkpoint (which
+holds the warmed weights) never repeats it, and a run stopped before its first checkpoint repeats it exactly.
+"""
+
+import functools
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lld_jax import cell_crops
+from lld_jax import criterion
+from lld_jax import sharding
+from lld_jax.models import detector
+
+AXIS = sharding.AXIS
+HEADS = ('cell_encoder', 'cell_classifier')
+# The crops' draws for the warm-up: another stream than the training steps' (lld_jax.cell_crops.sample).
+_STREAM = 1
+
+
+def _optimizer(config, steps):
+  o = config.optimizer
+  rate = o.learning_rate * o.cell_head_lr_factor
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=rate, warmup_steps=max(steps // 10, 1), decay_steps=max(steps, 2),
+      end_value=rate * 0.01)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+                     optax.adamw(schedule, weight_decay=o.weight_decay))
+
+
+def _step(heads, opt_state, crops, labels, encoder, classifier, tx):
+  def loss_fn(heads):
+    tokens = encoder.apply({'params': heads['cell_encoder']}, crops[None])
+    logits = classifier.apply({'params': heads['cell_classifier']}, tokens)
+    return criterion.crop_cross_entropy(logits, labels[None], AXIS)
+
+  loss, grads = jax.value_and_grad(loss_fn)(heads)
+  grads = jax.lax.pmean(grads, AXIS)
+  updates, opt_state = tx.update(grads, opt_state, heads)
+  return optax.apply_updates(heads, updates), opt_state, jax.lax.pmean(loss, AXIS)
+
+
+def check_config(config):
+  if config.cell_crop_warmup_steps and not config.cell_crop_batch_size:
+    raise ValueError(f'cell_crop_warmup_steps={config.cell_crop_warmup_steps} trains on the true-cell crops: '
+                     'set cell_crop_batch_size > 0')
+
+
+def warm_up(params, pool: cell_crops.CellCropPool, config, num_classes):
+  """`params` with the cell encoder and classifier trained for `config.cell_crop_warmup_steps` steps of
+  `config.cell_crop_batch_size` crops per device; returns (params, [mean loss of each tenth of the steps])."""
+  check_config(config)
+  steps, per_device = config.cell_crop_warmup_steps, config.cell_crop_batch_size
+  dtype = jnp.dtype(config.model.dtype)
+  encoder = detector.CellCropEncoder(config.model.hidden_dim, dtype=dtype)
+  classifier = detector.CellClassifier(num_classes, dtype)
+  tx = _optimizer(config, steps)
+  heads = {name: params[name] for name in HEADS}
+  p_step = jax.pmap(functools.partial(_step, encoder=encoder, classifier=classifier, tx=tx), axis_name=AXIS,
+                    donate_argnums=(0, 1))
+  replicated = sharding.replicate((heads, tx.init(heads)))
+  num_devices = jax.local_device_count()
+  losses = []
+  for step in range(steps):
+    drawn = cell_crops.sample(pool, step, config.seed, num_devices, per_device, config.augment.enabled,
+                              stream=_STREAM)
+    *replicated, loss = p_step(*replicated, drawn['cell_crops'], drawn['cell_crop_labels'])
+    losses.append(loss[0])
+  losses = np.asarray(jax.device_get(losses))
+  tenths = [float(part.mean()) for part in np.array_split(losses, min(10, steps))]
+  logging.info('cell head warm-up: %d steps of %d crops per device, loss %.3f -> %.3f', steps, per_device,
+               tenths[0], tenths[-1])
+  return {**params, **sharding.unreplicate(replicated[0])}, tenths

@@ -1,0 +1,69 @@
+"""The cell classifier's warm-up on true-cell crops: it learns the pool's classes on two devices, touches nothing
+but the cell heads, and repeats exactly."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic_demo
+from lld_jax import cell_crops
+from lld_jax import cell_head_warmup
+from lld_jax.models import detector
+
+CROP, SHIFT, PER_CLASS = 8, 1, 12
+GREYS = (40, 130, 220)  # one grey level per class, apart by more than the channel jitter and the noise can bridge
+
+
+def _pool():
+  rng = np.random.default_rng(0)
+  side = CROP + 2 * SHIFT
+  labels = np.repeat(np.arange(len(GREYS)), PER_CLASS).astype(np.int32)
+  crops = np.asarray(GREYS)[labels, None, None, None] + rng.normal(0, 8, (len(labels), side, side, 3))
+  return cell_crops.CellCropPool(np.clip(crops, 0, 255).astype(np.uint8), labels, CROP, num_truncated=0)
+
+
+def _config(**overrides):
+  c = synthetic_demo.get_config()
+  c.cell_crop_batch_size = 8
+  c.cell_crop_warmup_steps = 40
+  c.model.cell_crop_size = CROP
+  c.model.hidden_dim = 16
+  c.update(overrides)
+  return c
+
+
+def _params(config):
+  crops = np.zeros((1, 1, CROP, CROP, 3), np.float32)
+  encoder = detector.CellCropEncoder(config.model.hidden_dim)
+  encoder_params = encoder.init(jax.random.PRNGKey(0), crops)['params']
+  tokens = encoder.apply({'params': encoder_params}, crops)
+  classifier_params = detector.CellClassifier(len(GREYS)).init(jax.random.PRNGKey(1), tokens)['params']
+  return {'cell_encoder': encoder_params, 'cell_classifier': classifier_params, 'backbone': {'kernel': np.ones(3)}}
+
+
+def _accuracy(params, pool, config):
+  drawn = cell_crops.sample(pool, 0, seed=5, num_devices=1, per_device=64, augment=False)
+  tokens = detector.CellCropEncoder(config.model.hidden_dim).apply({'params': params['cell_encoder']},
+                                                                   drawn['cell_crops'])
+  logits = detector.CellClassifier(len(GREYS)).apply({'params': params['cell_classifier']}, tokens)
+  return float((np.asarray(logits).argmax(-1) == drawn['cell_crop_labels']).mean())
+
+
+def test_warm_up_learns_the_cells_and_only_touches_the_cell_heads():
+  assert jax.local_device_count() == 2
+  config, pool = _config(), _pool()
+  params = _params(config)
+  warmed, tenths = cell_head_warmup.warm_up(params, pool, config, num_classes=len(GREYS))
+  assert len(tenths) == 10 and tenths[-1] < 0.2 * tenths[0]
+  assert _accuracy(params, pool, config) < 0.7 <= 0.99 <= _accuracy(warmed, pool, config)
+  assert warmed['backbone'] is params['backbone']
+  again, _ = cell_head_warmup.warm_up(params, pool, config, num_classes=len(GREYS))
+  for a, b in zip(jax.tree_util.tree_leaves(warmed), jax.tree_util.tree_leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  other_seed, _ = cell_head_warmup.warm_up(params, pool, _config(seed=1), num_classes=len(GREYS))
+  assert not np.array_equal(other_seed['cell_classifier']['dense']['kernel'], warmed['cell_classifier']['dense']['kernel'])
+
+
+def test_warm_up_needs_the_crop_stream():
+  with pytest.raises(ValueError, match='cell_crop_batch_size > 0'):
+    cell_head_warmup.check_config(_config(cell_crop_batch_size=0))
