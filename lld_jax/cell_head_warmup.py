@@ -4,8 +4,8 @@ The cell classifier (`detector.CellCropEncoder` and `detector.CellClassifier`, a
 pixels) names the cells the detector finds. In a short run it is what limits mAP: the decoder finds nearly every
 cell, the classifier names too few of them right (docs/results.md, sessions 20-21). On its own, on crops of the
 true cells (`lld_jax.cell_crops`), a step takes a tenth of the detector's (about 65 ms against 700 on the
-demo's 2-core CPU): so it first learns alone for `cell_crop_warmup_steps` steps, then the detector trains with a classifier
-(and crop encoder, whose tokens the attribute queries read) that already tells the cells apart.
+demo's 2-core CPU): so it first learns alone for `cell_crop_warmup_steps` steps, then the detector trains with a
+classifier (and crop encoder, whose tokens the attribute queries read) that already tells the cells apart.
 
 The warm-up is part of a fresh run only: its draws depend on the seed, so a run resumed from a checkpoint (which
 holds the warmed weights) never repeats it, and a run stopped before its first checkpoint repeats it exactly.
