@@ -62,7 +62,9 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       two_stage=m.two_stage, denoising_groups=m.denoising_groups, label_noise=m.label_noise,
       box_noise=m.box_noise, attribute_head=m.attribute_head, roi_size=m.roi_size, input_stride=m.input_stride,
       cell_crop_size=m.cell_crop_size, cell_class_refinement=m.cell_class_refinement,
-      dn_cells_at_true_boxes=m.dn_cells_at_true_boxes, cell_class_flips=m.cell_class_flips,
+      dn_cells_at_true_boxes=m.dn_cells_at_true_boxes,
+      # A run saved before the flip averaging existed (its config.json lacks the key) is evaluated as trained.
+      cell_class_flips=m.get('cell_class_flips', False),
       dtype=jnp.dtype(m.dtype))
 
 

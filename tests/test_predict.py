@@ -328,3 +328,14 @@ def test_class_names_fallbacks(tmp_path):
   assert predict.class_names_for(c, str(tmp_path), 3) == ('class_0', 'class_1', 'class_2')
   (tmp_path / 'class_names.json').write_text(json.dumps(['WBC', 'RBC', 'Platelets']))
   assert predict.class_names_for(c, str(tmp_path), 3) == ('WBC', 'RBC', 'Platelets')
+
+
+def test_config_saved_before_flip_averaging_builds_the_model_as_trained(tmp_path):
+  saved = tiny_config().to_dict()
+  del saved['model']['cell_class_flips']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  model = train.create_model(predict.load_config(str(tmp_path)), lld_format.NUM_CLASSES)
+  assert model.cell_class_flips is False
+  flipping = tiny_config()
+  flipping.model.cell_class_flips = True
+  assert train.create_model(flipping, lld_format.NUM_CLASSES).cell_class_flips is True
