@@ -71,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dn_cells_at_true_boxes = False
   # At evaluation the cell classifier also reads each crop flipped three ways and averages its log-probabilities.
   c.model.cell_class_flips = False
+  # The attribute queries also read each cell's box size in the original image's pixels (scale jitter undone).
+  c.model.attribute_box_size = False
   c.model.dtype = 'float32'  # 'bfloat16' on accelerators
 
   c.loss = ml_collections.ConfigDict()

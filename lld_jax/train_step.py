@@ -64,7 +64,7 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       cell_crop_size=m.cell_crop_size, cell_class_refinement=m.cell_class_refinement,
       dn_cells_at_true_boxes=m.dn_cells_at_true_boxes,
       # A run saved before the flip averaging existed (its config.json lacks the key) is evaluated as trained.
-      cell_class_flips=m.get('cell_class_flips', False),
+      cell_class_flips=m.get('cell_class_flips', False), attribute_box_size=m.get('attribute_box_size', False),
       dtype=jnp.dtype(m.dtype))
 
 
@@ -116,7 +116,7 @@ def initial_variables(model, config, rng):
                    'boxes': jnp.full((1, config.max_objects, 4), 0.5),
                    'weight': jnp.ones((1, config.max_objects))}
   params_rng, dn_rng = jax.random.split(rng)
-  init = jax.jit(functools.partial(model.init, train=True))
+  init = jax.jit(functools.partial(model.init, train=True, pixel_scale=np.ones((1,), np.float32)))
   args = ({'params': params_rng, 'denoise': dn_rng}, jnp.zeros((1, size, size, 3)), jnp.ones((1, size, size)),
           dummy_targets)
   if jax.default_backend() == 'cpu' and not isinstance(rng, jax.core.Tracer):  # not under jax.eval_shape
@@ -175,7 +175,7 @@ def train_step(state: TrainState, batch, *, model, tx, config):
   pseudo = config.pseudo_labels
   if pseudo.enabled:
     teacher = model.apply({'params': state.ema_params, **state.model_state}, batch['image'], batch['image_mask'],
-                          train=False)
+                          train=False, pixel_scale=batch['scale'])
     teacher_scores = postprocess.class_scores(
         teacher['pred_logits'][-1], postprocess.cell_classifier_logits(teacher, config.eval.class_scores))
     targets = pseudo_labels.select(
@@ -191,7 +191,7 @@ def train_step(state: TrainState, batch, *, model, tx, config):
 
   def loss_fn(params):
     outputs = model.apply({'params': params, **state.model_state}, batch['image'], batch['image_mask'], targets,
-                          train=True, rngs={'denoise': step_rng}, cell_crops=cell_crops)
+                          train=True, rngs={'denoise': step_rng}, cell_crops=cell_crops, pixel_scale=batch['scale'])
     loss, terms = criterion.detection_loss(outputs, targets, config.loss, axis_name=AXIS)
     return loss, terms
 
@@ -232,7 +232,8 @@ def train_step(state: TrainState, batch, *, model, tx, config):
 
 
 def predict_step(variables, batch, *, model):
-  outputs = model.apply(variables, batch['image'], batch['image_mask'], train=False)
+  """batch: image, image_mask and (for model.attribute_box_size) scale, canvas pixels per original pixel."""
+  outputs = model.apply(variables, batch['image'], batch['image_mask'], train=False, pixel_scale=batch.get('scale'))
   found = {'logits': outputs['pred_logits'][-1], 'boxes': outputs['pred_boxes'][-1],
            'attribute_logits': outputs['attribute_logits']}
   if 'cell_class_logits' in outputs:
@@ -262,5 +263,6 @@ def random_batch(config, num_devices, num_classes, seed=0):
       'weight': np.ones(lead + (t,), np.float32),
       'annotation_mask': np.ones(lead + (size // matching.MASK_STRIDE,) * 2, np.float32),
       'num_truncated': np.zeros(lead, np.int32),
+      'scale': np.ones(lead, np.float32),
       **crops,
   }

@@ -401,8 +401,8 @@ def main(argv):
     results['pipeline_note'] = reason
     results['batches'] = 'random'
   results['num_classes'] = num_classes
-  keys = ('image', 'image_mask', 'boxes', 'labels', 'attributes', 'weight', 'annotation_mask', 'num_truncated',
-          'cell_crops', 'cell_crop_labels')
+  keys = ('image', 'image_mask', 'scale', 'boxes', 'labels', 'attributes', 'weight', 'annotation_mask',
+          'num_truncated', 'cell_crops', 'cell_crop_labels')
   # The true-cell crops (config.cell_crop_batch_size) come from the trainer's pool, not the pipeline: random
   # ones of the same shape cost the step the same.
   host_batch = {**train.random_batch(config, num_devices, num_classes), **host_batch}

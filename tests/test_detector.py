@@ -292,3 +292,30 @@ def test_cell_class_flips_average_the_classifier_over_the_flipped_crops():
   np.testing.assert_allclose(flipped['cell_class_logits'], np.mean(log_probs, 0), atol=1e-4)
   assert not np.allclose(jax.nn.log_softmax(plain['cell_class_logits']), flipped['cell_class_logits'], atol=1e-3)
 
+
+
+def test_cell_size_features_are_the_boxes_in_original_pixels_whatever_the_jitter():
+  boxes = np.array([[[0.5, 0.5, 0.25, 0.5], [0.2, 0.3, 0.1, 0.05]]], np.float32)
+  canvas, scale = 64, np.array([0.5], np.float32)  # the canvas is half the original image's size
+  features = np.asarray(detector.cell_size_features(boxes, canvas, scale))
+  np.testing.assert_allclose(features, np.log(boxes[..., 2:] * canvas / 0.5 / 64.0), rtol=1e-6)
+  # Scale jitter of 1.2 makes the boxes 1.2 times larger on the canvas and the scale 1.2 times larger.
+  jittered = boxes.copy()
+  jittered[..., 2:] *= 1.2
+  np.testing.assert_allclose(detector.cell_size_features(jittered, canvas, scale * 1.2), features, atol=1e-6)
+
+
+def test_attribute_box_size_reads_the_pixel_scale():
+  images, image_mask, targets = _inputs()
+  model = MODEL.clone(attribute_box_size=True)
+  rngs = {'params': jax.random.PRNGKey(0), 'denoise': jax.random.PRNGKey(1)}
+  scale = np.array([1.0], np.float32)
+  variables = jax.jit(functools.partial(model.init, train=True), compiler_options=FAST_COMPILE)(
+      rngs, images, image_mask, targets, pixel_scale=scale)
+  assert variables['params']['attribute_head']['box_size']['kernel'].shape == (2, MODEL.hidden_dim)
+  evaluate = jax.jit(functools.partial(model.apply, train=False), compiler_options=FAST_COMPILE)
+  near, far = (evaluate(variables, images, image_mask, pixel_scale=s) for s in (scale, scale * 4))
+  np.testing.assert_allclose(near['pred_boxes'], far['pred_boxes'], atol=1e-6)  # only the attributes read it
+  assert not np.allclose(near['attribute_logits'], far['attribute_logits'], atol=1e-4)
+  with np.testing.assert_raises_regex(ValueError, 'pass pixel_scale'):
+    jax.eval_shape(functools.partial(model.apply, train=False), variables, images, image_mask)

@@ -240,6 +240,14 @@ class CellClassifier(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='dense')(pooled).astype(jnp.float32)
 
 
+def cell_size_features(boxes, canvas_size, pixel_scale):
+  """log(width / 64 px), log(height / 64 px) [B, N, 2] of each normalized cxcywh box [B, N, 4] in the original
+  image's pixels: `pixel_scale` [B] is canvas pixels per original pixel, scale jitter included, so the size does
+  not move with the jitter (which changes how big a cell looks, not its size attribute)."""
+  pixels = boxes[..., 2:] * canvas_size / pixel_scale[:, None, None]
+  return jnp.log(jnp.maximum(pixels, 1.0) / 64.0)
+
+
 def flip_averaged_log_probs(cell_classifier, cell_encoder, crops, logits):
   """The classifier's log-probabilities averaged over the crop and its three flips [B, N, K]: a cell has no
   orientation (the training crops are flipped at random), and averaging the views steadies the class."""
@@ -267,7 +275,7 @@ class AttributeHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, object_features, boxes, feature_map, feature_mask, cell_tokens=None):
+  def __call__(self, object_features, boxes, feature_map, feature_mask, cell_tokens=None, size_features=None):
     num_attributes, max_values = len(self.num_values), max(self.num_values)
     batch, num_objects, _ = object_features.shape
     class_logits = None
@@ -283,6 +291,8 @@ class AttributeHead(nn.Module):
       attribute_queries = self.param('attribute_queries', nn.initializers.normal(0.02),
                                      (num_read, self.hidden_dim))
       x = object_features[:, :, None, :] + attribute_queries[None, None]  # [B, N, A(+1), C]
+      if size_features is not None:  # the crops and RoIs are resized to a fixed grid: the cell's own size is lost
+        x = x + nn.Dense(self.hidden_dim, dtype=self.dtype, name='box_size')(size_features)[:, :, None, :]
       x = x.reshape(batch * num_objects, num_read, self.hidden_dim)
       roi = roi.reshape(batch * num_objects, num_tokens, self.hidden_dim)
       x = nn.LayerNorm(dtype=self.dtype)(x + nn.MultiHeadDotProductAttention(
@@ -387,10 +397,11 @@ class Detector(nn.Module):
   cell_class_refinement: bool = False
   dn_cells_at_true_boxes: bool = False
   cell_class_flips: bool = False
+  attribute_box_size: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, image_mask, targets=None, train: bool = False, cell_crops=None):
+  def __call__(self, images, image_mask, targets=None, train: bool = False, cell_crops=None, pixel_scale=None):
     """images [B, H, W, 3] normalized; image_mask [B, H, W] (1 = image, 0 = padding). `targets` (dict with
     labels [B, T], boxes [B, T, 4], weight [B, T]) switches on the denoising queries when training.
     `cell_crops` [B', N, S, S, 3] (`crop_cells` of true cells, see lld_jax.cell_crops) go through the cell
@@ -500,10 +511,16 @@ class Detector(nn.Module):
           cell_class_logits = flip_averaged_log_probs(cell_classifier, cell_encoder, crops, cell_class_logits)
         if cell_crops is not None:
           outputs['crop_class_logits'] = cell_classifier(cell_encoder(cell_crops))
+    size_features = None
+    if self.attribute_box_size:
+      if pixel_scale is None:
+        raise ValueError('model.attribute_box_size reads each cell\'s size in original pixels: pass pixel_scale '
+                         '(the batch\'s scale, canvas pixels per original pixel)')
+      size_features = cell_size_features(attribute_boxes, images.shape[2], pixel_scale).astype(self.dtype)
     attribute_logits, class_refinement = AttributeHead(
         self.attribute_values, self.hidden_dim, roi_size=self.roi_size, mode=self.attribute_head,
         num_classes=self.num_classes if self.cell_class_refinement else 0, dtype=self.dtype, name='attribute_head')(
-            attribute_queries, attribute_boxes, levels[0], masks[0], cell_tokens)
+            attribute_queries, attribute_boxes, levels[0], masks[0], cell_tokens, size_features)
     if class_refinement is not None:  # the last layer's classes, for the queries the head has read
       last = all_logits[-1]
       all_logits[-1] = jnp.concatenate([
