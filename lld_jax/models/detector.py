@@ -405,7 +405,8 @@ class Detector(nn.Module):
     """images [B, H, W, 3] normalized; image_mask [B, H, W] (1 = image, 0 = padding). `targets` (dict with
     labels [B, T], boxes [B, T, 4], weight [B, T]) switches on the denoising queries when training.
     `cell_crops` [B', N, S, S, 3] (`crop_cells` of true cells, see lld_jax.cell_crops) go through the cell
-    classifier alone: `crop_class_logits` [B', N, K]."""
+    classifier alone: `crop_class_logits` [B', N, K]. `pixel_scale` [B], canvas pixels per original pixel (the
+    batch's `scale`), gives `attribute_box_size` each cell's size in the original image's pixels."""
     backbone = resnet.ResNet(depth=self.backbone_depth, norm=self.backbone_norm, width=self.backbone_width,
                              dtype=self.dtype, name='backbone')
     # With input_stride > 1 the backbone reads a downsampled copy; the full resolution serves the cell crops.
