@@ -22,22 +22,20 @@ import optax
 from lld_jax import cell_crops
 from lld_jax import criterion
 from lld_jax import sharding
+from lld_jax import train_step
 from lld_jax.models import detector
 
-AXIS = sharding.AXIS
+AXIS = train_step.AXIS
 HEADS = ('cell_encoder', 'cell_classifier')
 # The crops' draws for the warm-up: another stream than the training steps' (lld_jax.cell_crops.sample).
 _STREAM = 1
 
 
 def _optimizer(config, steps):
+  """The trainer's rule for the cell heads (their rate, warm-up and cosine decay, clipping), over `steps`."""
   o = config.optimizer
-  rate = o.learning_rate * o.cell_head_lr_factor
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=rate, warmup_steps=max(steps // 10, 1), decay_steps=max(steps, 2),
-      end_value=rate * 0.01)
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-                     optax.adamw(schedule, weight_decay=o.weight_decay))
+  schedule = train_step.warmup_cosine(o.learning_rate * o.cell_head_lr_factor, max(steps // 10, 1), steps)
+  return optax.chain(train_step.gradient_clipping(config), optax.adamw(schedule, weight_decay=o.weight_decay))
 
 
 def _step(heads, opt_state, crops, labels, encoder, classifier, tx):

@@ -68,11 +68,20 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       dtype=jnp.dtype(m.dtype))
 
 
-def learning_rate_schedule(config, base_rate):
-  o = config.optimizer
+def warmup_cosine(base_rate, warmup_steps, total_steps):
+  """Linear warm-up from 0 over `warmup_steps`, then cosine decay to 1 % of `base_rate` at `total_steps`."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=base_rate, warmup_steps=max(o.warmup_steps, 1),
-      decay_steps=max(config.total_steps, o.warmup_steps + 1), end_value=base_rate * 0.01)
+      init_value=0.0, peak_value=base_rate, warmup_steps=max(warmup_steps, 1),
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=base_rate * 0.01)
+
+
+def learning_rate_schedule(config, base_rate):
+  return warmup_cosine(base_rate, config.optimizer.warmup_steps, config.total_steps)
+
+
+def gradient_clipping(config):
+  grad_clip = config.optimizer.grad_clip
+  return optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity()
 
 
 # The per-cell heads: the CNN over each cell's pixels, the cell classifier on it, and the attribute head that
@@ -105,7 +114,7 @@ def create_optimizer(config, params):
            'head': o.learning_rate}
   names = optimizer_groups(params).members
   return optax.chain(
-      optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+      gradient_clipping(config),
       optax.multi_transform({name: adamw(rates[name.split('/')[0]], name.endswith('/decay')) for name in names},
                             {name: name for name in names}))
 

@@ -293,7 +293,6 @@ def test_cell_class_flips_average_the_classifier_over_the_flipped_crops():
   assert not np.allclose(jax.nn.log_softmax(plain['cell_class_logits']), flipped['cell_class_logits'], atol=1e-3)
 
 
-
 def test_cell_size_features_are_the_boxes_in_original_pixels_whatever_the_jitter():
   boxes = np.array([[[0.5, 0.5, 0.25, 0.5], [0.2, 0.3, 0.1, 0.05]]], np.float32)
   canvas, scale = 64, np.array([0.5], np.float32)  # the canvas is half the original image's size
