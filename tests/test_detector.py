@@ -305,16 +305,22 @@ def test_cell_size_features_are_the_boxes_in_original_pixels_whatever_the_jitter
 
 
 def test_attribute_box_size_reads_the_pixel_scale():
+  """Only the attribute queries read the size: not the boxes, nor the class refinement query."""
   images, image_mask, targets = _inputs()
-  model = MODEL.clone(attribute_box_size=True)
+  model = CELL_MODEL.clone(attribute_box_size=True)
   rngs = {'params': jax.random.PRNGKey(0), 'denoise': jax.random.PRNGKey(1)}
   scale = np.array([1.0], np.float32)
   variables = jax.jit(functools.partial(model.init, train=True), compiler_options=FAST_COMPILE)(
       rngs, images, image_mask, targets, pixel_scale=scale)
-  assert variables['params']['attribute_head']['box_size']['kernel'].shape == (2, MODEL.hidden_dim)
+  head = variables['params']['attribute_head']
+  assert head['box_size']['kernel'].shape == (2, MODEL.hidden_dim)
+  # Zero at initialization: a random refinement kernel makes the class query's reading visible in the logits.
+  refinement = head['class_refinement']
+  refinement['kernel'] = jax.random.normal(jax.random.PRNGKey(3), refinement['kernel'].shape)
   evaluate = jax.jit(functools.partial(model.apply, train=False), compiler_options=FAST_COMPILE)
   near, far = (evaluate(variables, images, image_mask, pixel_scale=s) for s in (scale, scale * 4))
-  np.testing.assert_allclose(near['pred_boxes'], far['pred_boxes'], atol=1e-6)  # only the attributes read it
+  for name in ('pred_boxes', 'pred_logits'):
+    np.testing.assert_allclose(near[name], far[name], atol=1e-5, err_msg=name)
   assert not np.allclose(near['attribute_logits'], far['attribute_logits'], atol=1e-4)
   with np.testing.assert_raises_regex(ValueError, 'pass pixel_scale'):
     jax.eval_shape(functools.partial(model.apply, train=False), variables, images, image_mask)
