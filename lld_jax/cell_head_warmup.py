@@ -32,10 +32,13 @@ _STREAM = 1
 
 
 def _optimizer(config, steps):
-  """The trainer's rule for the cell heads (their rate, warm-up and cosine decay, clipping), over `steps`."""
+  """The trainer's rule for the cell heads (their rate, warm-up and cosine decay, clipping, which parameters
+  decay), over `steps`."""
   o = config.optimizer
   schedule = train_step.warmup_cosine(o.learning_rate * o.cell_head_lr_factor, max(steps // 10, 1), steps)
-  return optax.chain(train_step.gradient_clipping(config), optax.adamw(schedule, weight_decay=o.weight_decay))
+  decayed = lambda params: jax.tree_util.tree_map(train_step.is_decayed, params)
+  return optax.chain(train_step.gradient_clipping(config),
+                     optax.adamw(schedule, weight_decay=o.weight_decay, mask=decayed))
 
 
 def _step(heads, opt_state, crops, labels, encoder, classifier, tx):

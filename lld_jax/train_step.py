@@ -96,11 +96,16 @@ def _rate_group(top_module):
   return 'cell_head' if top_module in CELL_HEAD_MODULES else 'head'
 
 
+def is_decayed(leaf) -> bool:
+  """Weight decay for kernels and embeddings; not for biases and normalization scales."""
+  return leaf.ndim > 1
+
+
 def optimizer_groups(params) -> param_groups.ParamGroups:
   """The parameters by optimizer hyperparameters: backbone, cell head or head (learning rate), decayed or not
-  (biases and normalization scales are not)."""
+  (`is_decayed`)."""
   return param_groups.ParamGroups(
-      params, lambda path, leaf: _rate_group(path[0]) + ('/decay' if leaf.ndim > 1 else '/no_decay'))
+      params, lambda path, leaf: _rate_group(path[0]) + ('/decay' if is_decayed(leaf) else '/no_decay'))
 
 
 def create_optimizer(config, params):

@@ -3,6 +3,7 @@ but the cell heads, and repeats exactly."""
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import synthetic_demo
@@ -68,3 +69,19 @@ def test_warm_up_learns_the_cells_and_only_touches_the_cell_heads():
 def test_warm_up_needs_the_crop_stream():
   with pytest.raises(ValueError, match='cell_crop_batch_size > 0'):
     cell_head_warmup.check_config(_config(cell_crop_batch_size=0))
+
+
+def test_warm_up_decays_what_the_trainer_decays():
+  """Kernels decay towards zero under zero gradients; biases and normalization scales, as in the trainer, do not."""
+  config = _config()
+  config.optimizer.weight_decay = 0.5
+  params = _params(config)
+  tx = cell_head_warmup._optimizer(config, steps=10)
+  state, moved = tx.init(params), params
+  zeros = jax.tree_util.tree_map(np.zeros_like, params)
+  for _ in range(3):
+    updates, state = tx.update(zeros, state, moved)
+    moved = optax.apply_updates(moved, updates)
+  for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(moved)):
+    changed = not np.allclose(before, after)
+    assert changed == (np.ndim(before) > 1), jax.tree_util.keystr(path)
