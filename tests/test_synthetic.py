@@ -206,6 +206,24 @@ def test_worker_processes_write_the_same_files(tmp_path, layout):
     synthetic.generate(str(tmp_path / 'none'), layout, workers=0, **kw)
 
 
+def test_fewer_test_fields_are_the_first_of_the_same_ones(tmp_path):
+  kw = dict(subsets=['H_100x_C1'], patients=4, images_per_patient=3, seed=2)
+  full = synthetic.generate(str(tmp_path / 'full'), 'coco', **kw)
+  short = synthetic.generate(str(tmp_path / 'short'), 'coco', test_images_per_patient=1, **kw)
+  test_patients = len(full['patients']['test'])
+  assert short['subsets']['H_100x_C1']['train'] == full['subsets']['H_100x_C1']['train']
+  assert (full['subsets']['H_100x_C1']['test']['images'], short['subsets']['H_100x_C1']['test']['images']) == (
+      3 * test_patients, test_patients)
+  full_files, short_files = _files(tmp_path / 'full'), _files(tmp_path / 'short')
+  images = [name for name in short_files if name.endswith('.png')]
+  assert {name for name in images if '/test/' in name} == {
+      name for name in full_files if '/test/' in name and name.split('/')[-1].split('_')[1] == '1'}
+  assert all(short_files[name] == full_files[name] for name in images)
+  assert short_files['H_100x_C1/json_labels/train.json'] == full_files['H_100x_C1/json_labels/train.json']
+  with pytest.raises(ValueError, match='test images per patient'):
+    synthetic.generate(str(tmp_path / 'none'), 'coco', test_images_per_patient=0, **kw)
+
+
 def test_render_field_cells():
   for subset in ('H_100x_C1', 'H_10x_C1'):
     for image in (1, 2):
@@ -236,8 +254,9 @@ def test_bad_arguments(tmp_path):
 
 def test_command_line(tmp_path, capsys):
   synthetic.main(['--out', str(tmp_path), '--layout', 'yolo', '--subsets', 'H_100x_C1', '--patients', '2',
-                  '--images-per-patient', '1', '--seed', '4', '--test-fraction', '0.5'])
+                  '--images-per-patient', '2', '--test-images-per-patient', '1', '--seed', '4',
+                  '--test-fraction', '0.5'])
   assert 'H_100x_C1' in capsys.readouterr().out
-  for split in ('train', 'test'):
-    assert len(os.listdir(tmp_path / 'H_100x_C1' / 'images' / split)) == 1
-    assert len(os.listdir(tmp_path / 'H_100x_C1' / 'labels' / split)) == 1
+  for split, fields in (('train', 2), ('test', 1)):
+    assert len(os.listdir(tmp_path / 'H_100x_C1' / 'images' / split)) == fields
+    assert len(os.listdir(tmp_path / 'H_100x_C1' / 'labels' / split)) == fields

@@ -723,16 +723,24 @@ def generate(out_dir: str,
              images_per_patient: int = 4,
              seed: int = 0,
              test_fraction: float = 0.25,
-             workers: int = 1) -> dict:
+             workers: int = 1,
+             test_images_per_patient: int | None = None) -> dict:
   """Writes a synthetic LLD download under `out_dir` and returns a summary dict.
 
   Summary: {'layout', 'out_dir', 'seed', 'patients': {'train': [...], 'test': [...]}, 'leukemia_types':
   {patient: type}, 'subsets': {subset: {split: {'images': n, 'cells': n, 'labelled_cells': n}}}}.
   `cells` counts every white cell drawn; `labelled_cells` those written to the labels (differs only for the
   sparse train split). `workers` > 1 draws the fields in that many processes (the same files).
+  `test_images_per_patient` (default `images_per_patient`) sets the test patients' fields apart: a field is drawn
+  from (seed, subset, patient, image number) alone, so a test split of fewer fields is the first of the same ones.
   """
   if workers < 1:
     raise ValueError(f'workers must be at least 1, got {workers}')
+  fields_per_patient = {'train': images_per_patient,
+                        'test': images_per_patient if test_images_per_patient is None else test_images_per_patient}
+  for split_name, n in fields_per_patient.items():
+    if n < 1:
+      raise ValueError(f'{split_name} images per patient must be at least 1, got {n}')
   if layout not in LAYOUTS:
     raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
   if isinstance(subsets, str):
@@ -751,7 +759,7 @@ def generate(out_dir: str,
           if workers > 1 else None)
   try:
     for subset in canon:
-      summary['subsets'][subset] = _write_subset(out_dir, layout, subset, split, types, images_per_patient, seed,
+      summary['subsets'][subset] = _write_subset(out_dir, layout, subset, split, types, fields_per_patient, seed,
                                                  pool)
   finally:
     if pool is not None:
@@ -759,8 +767,8 @@ def generate(out_dir: str,
   return summary
 
 
-def _write_subset(out_dir, layout, subset, split, types, images_per_patient, seed, pool) -> dict:
-  """Writes one subset's images and labels; returns its {split: counts}."""
+def _write_subset(out_dir, layout, subset, split, types, fields_per_patient, seed, pool) -> dict:
+  """Writes one subset's images and labels ({split: fields per patient}); returns its {split: counts}."""
   mag_code = F.MAGNIFICATION_FILE_CODE[F.parse_subset_name(subset).magnification]
   root = os.path.join(out_dir, subset)
   sub_summary = {}
@@ -774,7 +782,7 @@ def _write_subset(out_dir, layout, subset, split, types, images_per_patient, see
       os.makedirs(lbl_dir, exist_ok=True)
     os.makedirs(img_dir, exist_ok=True)
     fields = [(patient, image, f'{patient}_{image}_{mag_code}_{types[patient]}')
-              for patient in split[split_name] for image in range(1, images_per_patient + 1)]
+              for patient in split[split_name] for image in range(1, fields_per_patient[split_name] + 1)]
     tasks = [(seed, subset, patient, image, types[patient], os.path.join(img_dir, stem + '.png'))
              for patient, image, stem in fields]
     drawn = pool.map(_draw_field, tasks, chunksize=4) if pool is not None else map(_draw_field, tasks)
@@ -826,13 +834,15 @@ def main(argv=None):
   parser.add_argument('--subsets', default='H_100x_C1', help='comma-separated subset names, e.g. H_100x_C1,L_40x_C2')
   parser.add_argument('--patients', type=int, default=6)
   parser.add_argument('--images-per-patient', type=int, default=4)
+  parser.add_argument('--test-images-per-patient', type=int, default=None,
+                      help='fields per test patient (default: --images-per-patient)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--test-fraction', type=float, default=0.25)
   parser.add_argument('--workers', type=int, default=1, help='processes drawing fields in parallel (same files)')
   args = parser.parse_args(argv)
   summary = generate(args.out, args.layout, subsets=args.subsets.split(','), patients=args.patients,
                      images_per_patient=args.images_per_patient, seed=args.seed, test_fraction=args.test_fraction,
-                     workers=args.workers)
+                     workers=args.workers, test_images_per_patient=args.test_images_per_patient)
   print(json.dumps(summary['subsets'], indent=1))
   print('patients:', json.dumps(summary['patients']))
 
