@@ -1,7 +1,7 @@
 r"""The demo: a small detector on the synthetic LLD download, on a CPU in minutes.
 
   python -m tfds_lld.synthetic --out demo_run/download --layout coco --subsets H_100x_C1,L_100x_C2 \
-      --patients 20 --images-per-patient 12 --seed 0 --workers 2
+      --patients 48 --images-per-patient 15 --test-images-per-patient 5 --seed 0 --workers 2
   python -m lld_jax.train --config=configs/synthetic_demo.py --workdir=demo_run/train \
       --config.dataset.manual_dir=demo_run/download --config.dataset.data_dir=demo_run/tfds
 
