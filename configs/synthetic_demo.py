@@ -6,18 +6,21 @@ r"""The demo: a small detector on the synthetic LLD download, on a CPU in minute
       --config.dataset.manual_dir=demo_run/download --config.dataset.data_dir=demo_run/tfds
 
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
-Expected on the 2-core development machine of sessions 19-21 (Intel Xeon at 2.8 GHz with AVX-512): a minute of
-the cell classifier's warm-up, then 1.3-1.5 steps/s, about 8 minutes of training, 12-13 minutes in all from a
-fresh clone; test mAP50 0.643, mAP50:95 0.496, strict attribute F1 0.715 (paper 0.726), cells AP50 0.765
-(docs/results.md, session 21; seed 1: 0.688, 0.505, 0.731, 0.813). The step count is what fits 15 minutes on such
-a machine with room for its slow minutes. The CPUs of earlier sessions ran 0.75-0.85 (sessions 1-9) and 2.6-2.8
-steps/s (10-18, at 256 px); on the slowest, these 620 steps and the warm-up would take about 18 minutes in all.
+The download holds LLD's 48 patients: 36 train with 15 fields each (three times session 21's training cells:
+mAP50 +0.05 and level on two seeds, better naming on both), 12 test with 5 fields each (120 test fields).
+Expected on the 2-core development machine of sessions 19-22 (Intel Xeon at 2.8 GHz with AVX-512): 2 minutes to
+set up, generate and build, a minute of the cell classifier's warm-up, then 1.4-1.6 steps/s, about 7.5 minutes of
+training, 12-13 minutes in all from a fresh clone; test mAP50 0.686, mAP50:95 0.499, strict attribute F1 0.726
+(paper 0.734), cells AP50 0.814 (docs/results.md, session 22; the same data with session 21's code: 0.716 with
+seed 0, 0.713 with seed 1). The step count is what fits 15 minutes on such a machine with room for its slow minutes. The CPUs
+of earlier sessions ran 0.75-0.85 (sessions 1-9) and 2.6-2.8 steps/s (10-18, at 256 px); on the slowest, these
+620 steps and the warm-up would take about 19 minutes in all.
 The issue's quality targets (mAP50 0.90, F1 0.85) are missed. The demo finds its cells better than it names
-them: with the names of the true cells they overlap, its detections would score mAP50 0.87
+them: with the names of the true cells they overlap, its detections would score mAP50 0.88
 (`scripts/naming_ceiling.py`). A crop classifier given the true boxes reaches 0.96 / 0.91 when it learns from 112
-training patients (0.85 / 0.84 from 35; `scripts/oracle_boxes.py`, session 18): the demo's 15 training patients
-per subset and its minutes of two cores are what keep it below the targets. YOLOv8n from scratch reached 0.32 on
-the same data in 15 minutes of training (session 18).
+training patients (0.85 / 0.84 from 35; `scripts/oracle_boxes.py`, session 18, 3,000 steps of a larger CNN on
+48 px crops): the demo's minutes of two cores are what keep it below the targets. YOLOv8n from scratch reached
+0.32 on the earlier 20-patient demo download in 15 minutes of training (session 18).
 """
 
 from lld_jax.default_config import base_config
