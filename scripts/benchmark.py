@@ -278,7 +278,8 @@ def predict_program(model, variables, config, batch_size, device):
   size = config.image_size
   rng = np.random.default_rng(2)
   batch = {'image': jax.device_put(rng.standard_normal((batch_size, size, size, 3), dtype=np.float32), device),
-           'image_mask': jax.device_put(np.ones((batch_size, size, size), np.float32), device)}
+           'image_mask': jax.device_put(np.ones((batch_size, size, size), np.float32), device),
+           'scale': jax.device_put(np.ones((batch_size,), np.float32), device)}
   args = (jax.device_put(variables, device), batch)
   f = jax.jit(functools.partial(train.predict_step, model=model))
   return (lambda: f.lower(*args).compile()), args

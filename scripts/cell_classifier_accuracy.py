@@ -12,6 +12,7 @@ over-fitting. Uses the EMA weights when the config keeps an EMA (as evaluation d
 trained ones. Writes JSON to `--out` when given.
 """
 
+import functools
 import json
 
 from absl import app
@@ -48,23 +49,23 @@ def main(argv):
   reading_true_boxes = model.clone(dn_cells_at_true_boxes=True)
 
   @jax.jit
-  def classify_at_true_boxes(images, masks, targets):
+  def classify_at_true_boxes(images, masks, scale, targets):
     # The model's own path: the first denoising group's positive copies read their cells at the true boxes, and
     # their cell-classifier logits depend on nothing else (not on the denoising noise; tests/test_detector.py).
     outputs = reading_true_boxes.apply(variables, images, masks, targets, train=True,
-                                       rngs={'denoise': jax.random.PRNGKey(0)})
+                                       rngs={'denoise': jax.random.PRNGKey(0)}, pixel_scale=scale)
     return outputs['dn_cell_class_logits']
 
-  predict = jax.jit(lambda images, masks: train.predict_step(
-      variables, {'image': images, 'image_mask': masks}, model=model))
+  predict = jax.jit(functools.partial(train.predict_step, variables, model=model))
   summary = {}
   for split in _SPLITS.value:
     cells = at_true_box = answered = classifier_right = decoder_right = 0
     for batch in input_pipeline.eval_dataset(builder, split, config, 1).as_numpy_iterator():
       batch = {k: v[0] for k, v in batch.items()}  # one device
       targets = {k: batch[k] for k in ('labels', 'boxes', 'weight')}
-      true_box_classes = np.asarray(classify_at_true_boxes(batch['image'], batch['image_mask'], targets)).argmax(-1)
-      outputs = jax.device_get(predict(batch['image'], batch['image_mask']))
+      true_box_classes = np.asarray(
+          classify_at_true_boxes(batch['image'], batch['image_mask'], batch['scale'], targets)).argmax(-1)
+      outputs = jax.device_get(predict({k: batch[k] for k in ('image', 'image_mask', 'scale')}))
       for i in np.flatnonzero(batch['example_valid']):
         real = batch['weight'][i] > 0
         labels = batch['labels'][i][real]

@@ -12,6 +12,7 @@ the share that also has that cell's class, and how many distinct unlabelled cell
 hidden labels of the train split, so it is for choosing and explaining a threshold, not for training.
 """
 
+import functools
 import json
 
 from absl import app
@@ -73,14 +74,13 @@ def main(argv):
   full = input_pipeline.load_builder(d.name, 'full', d.data_dir or None, _FULL.value)
   model, state = evaluate.restore_for_inference(config, _WORKDIR.value, input_pipeline.dataset_info(sparse).num_classes)
   variables = train.model_variables(state, use_ema=config.optimizer.ema_decay > 0)
-  predict = jax.jit(lambda images, masks: train.predict_step(variables, {'image': images, 'image_mask': masks},
-                                                             model=model))
+  predict = jax.jit(functools.partial(train.predict_step, variables, model=model))
   candidates, num_unlabelled = [], 0
   full_batches = input_pipeline.eval_dataset(full, 'train', config, 1).as_numpy_iterator()
   for sparse_batch in input_pipeline.eval_dataset(sparse, 'train', config, 1).as_numpy_iterator():
     sparse_batch = {k: v[0] for k, v in sparse_batch.items()}  # one device
     full_batch = {k: v[0] for k, v in next(full_batches).items()}
-    outputs = jax.device_get(predict(sparse_batch['image'], sparse_batch['image_mask']))
+    outputs = jax.device_get(predict({k: sparse_batch[k] for k in ('image', 'image_mask', 'scale')}))
     rules = {'detector': None,
              config.eval.class_scores: postprocess.cell_classifier_logits(outputs, config.eval.class_scores)}
     # Where the training step's selection would allow a pseudo-label (its default overlap rule).
