@@ -103,7 +103,7 @@ def predict_split(model, state, builder, split, config, attribute_counts=None) -
   predictions = {}
   for batch in sharding.prefetch_to_devices(
       input_pipeline.eval_dataset(builder, split, config, num_devices).as_numpy_iterator()):
-    outputs = jax.device_get(p_predict(replicated, {k: batch[k] for k in ('image', 'image_mask', 'scale')}))
+    outputs = jax.device_get(p_predict(replicated, {k: batch[k] for k in train.PREDICT_INPUTS}))
     cell_class_logits = postprocess.cell_classifier_logits(outputs, config.eval.class_scores)
     meta = jax.device_get({k: batch[k] for k in ('index', 'scale', 'original_size', 'example_valid')})
     for d in range(num_devices):

@@ -496,17 +496,11 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   overlay_dir = os.path.join(out, 'overlays')
   skipped, results, image_table, overlay_paths = [], [], {}, []
   for batch in _batches(_load_items(paths, names, image_size, skipped), global_batch):
-    canvases = np.stack([b.canvas for b in batch])
-    masks = np.stack([b.mask for b in batch])
-    scales = np.array([b.scale for b in batch], np.float32)
-    fill = global_batch - len(batch)  # pad to a full batch: one compiled shape for every call
-    if fill:
-      canvases = np.concatenate([canvases, np.repeat(canvases[:1], fill, 0)])
-      masks = np.concatenate([masks, np.repeat(masks[:1], fill, 0)])
-      scales = np.concatenate([scales, np.repeat(scales[:1], fill, 0)])
-    inputs = {'image': canvases.reshape(num_devices, per_device, *canvases.shape[1:]),
-              'image_mask': masks.reshape(num_devices, per_device, *masks.shape[1:]),
-              'scale': scales.reshape(num_devices, per_device)}
+    stacked = {'image': np.stack([b.canvas for b in batch]), 'image_mask': np.stack([b.mask for b in batch]),
+               'scale': np.array([b.scale for b in batch], np.float32)}
+    fill = global_batch - len(batch)  # pad to a full batch with copies of the first: one compiled shape for every call
+    inputs = {k: np.concatenate([v, np.repeat(v[:1], fill, 0)]).reshape(num_devices, per_device, *v.shape[1:])
+              for k, v in stacked.items()}
     outputs = jax.device_get(p_predict(replicated, sharding.shard(inputs)))
     outputs = {k: np.asarray(v).reshape(global_batch, *v.shape[2:]) for k, v in outputs.items()}
     cell_class_logits = postprocess.cell_classifier_logits(outputs, score_rule)

@@ -35,6 +35,7 @@ from lld_jax.train_step import abstract_train_state  # noqa: F401
 from lld_jax.train_step import create_model
 from lld_jax.train_step import create_train_state
 from lld_jax.train_step import model_variables  # noqa: F401
+from lld_jax.train_step import PREDICT_INPUTS  # noqa: F401
 from lld_jax.train_step import predict_step  # noqa: F401
 from lld_jax.train_step import train_step
 

@@ -63,7 +63,7 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       box_noise=m.box_noise, attribute_head=m.attribute_head, roi_size=m.roi_size, input_stride=m.input_stride,
       cell_crop_size=m.cell_crop_size, cell_class_refinement=m.cell_class_refinement,
       dn_cells_at_true_boxes=m.dn_cells_at_true_boxes,
-      # A run saved before the flip averaging existed (its config.json lacks the key) is evaluated as trained.
+      # A run saved before these options existed (its config.json lacks the keys) is evaluated as trained.
       cell_class_flips=m.get('cell_class_flips', False), attribute_box_size=m.get('attribute_box_size', False),
       dtype=jnp.dtype(m.dtype))
 
@@ -245,8 +245,13 @@ def train_step(state: TrainState, batch, *, model, tx, config):
   return new_state, metrics
 
 
+# What predict_step reads of a batch: the canvas, its mask and the scale (canvas pixels per original pixel), which
+# model.attribute_box_size needs.
+PREDICT_INPUTS = ('image', 'image_mask', 'scale')
+
+
 def predict_step(variables, batch, *, model):
-  """batch: image, image_mask and (for model.attribute_box_size) scale, canvas pixels per original pixel."""
+  """batch: `PREDICT_INPUTS` (scale only needed for model.attribute_box_size)."""
   outputs = model.apply(variables, batch['image'], batch['image_mask'], train=False, pixel_scale=batch.get('scale'))
   found = {'logits': outputs['pred_logits'][-1], 'boxes': outputs['pred_boxes'][-1],
            'attribute_logits': outputs['attribute_logits']}

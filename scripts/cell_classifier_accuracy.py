@@ -65,7 +65,7 @@ def main(argv):
       targets = {k: batch[k] for k in ('labels', 'boxes', 'weight')}
       true_box_classes = np.asarray(
           classify_at_true_boxes(batch['image'], batch['image_mask'], batch['scale'], targets)).argmax(-1)
-      outputs = jax.device_get(predict({k: batch[k] for k in ('image', 'image_mask', 'scale')}))
+      outputs = jax.device_get(predict({k: batch[k] for k in train.PREDICT_INPUTS}))
       for i in np.flatnonzero(batch['example_valid']):
         real = batch['weight'][i] > 0
         labels = batch['labels'][i][real]

@@ -80,7 +80,7 @@ def main(argv):
   for sparse_batch in input_pipeline.eval_dataset(sparse, 'train', config, 1).as_numpy_iterator():
     sparse_batch = {k: v[0] for k, v in sparse_batch.items()}  # one device
     full_batch = {k: v[0] for k, v in next(full_batches).items()}
-    outputs = jax.device_get(predict({k: sparse_batch[k] for k in ('image', 'image_mask', 'scale')}))
+    outputs = jax.device_get(predict({k: sparse_batch[k] for k in train.PREDICT_INPUTS}))
     rules = {'detector': None,
              config.eval.class_scores: postprocess.cell_classifier_logits(outputs, config.eval.class_scores)}
     # Where the training step's selection would allow a pseudo-label (its default overlap rule).

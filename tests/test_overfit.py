@@ -75,7 +75,7 @@ def test_tiny_model_overfits_two_images(two_images):
     replicated, metrics = step(replicated, batch_on_device)
   final = sharding.unreplicate(replicated)
   outputs = jax.jit(functools.partial(train_step.predict_step, model=model))(
-      train_step.model_variables(final, use_ema=False), {k: batch[k][0] for k in ('image', 'image_mask', 'scale')})
+      train_step.model_variables(final, use_ema=False), {k: batch[k][0] for k in train_step.PREDICT_INPUTS})
   outputs = jax.device_get(outputs)
   truths = evaluate.ground_truth(builder, 'train') + evaluate.ground_truth(builder, 'test')
   predictions = []
