@@ -6,7 +6,9 @@ same CNN reaches on crops of the true boxes in the same time (docs/results.md, s
 every annotated cell of the split once, as the model sees it (the field resized to the canvas, no augmentation),
 with some context around the crop; `sample` then draws `cell_crop_batch_size` of them per device and step,
 each shifted by up to an eighth of its side (a box that is a little off), flipped, and with each colour channel
-scaled by 0.85-1.15 (stains vary). The draws depend on the seed, the process and the step only, so a resumed run
+scaled by 0.85-1.15 (stains vary), then made what the cell encoder reads (`detector.cell_encoder_crops`: the
+normalized pixels, or their optical density against the field's background, which the pool keeps for each cell;
+its colour is scaled with the crop's, as another lamp's would be, so the density does not move). The draws depend on the seed, the process and the step only, so a resumed run
 sees the same crops.
 """
 
@@ -18,6 +20,7 @@ import jax
 import numpy as np
 
 from lld_jax import input_pipeline
+from lld_jax import optical_density
 from lld_jax.models import detector
 
 _CHANNEL_JITTER = 0.15
@@ -29,6 +32,8 @@ class CellCropPool:
   labels: np.ndarray  # [N] int32 class ids
   crop_size: int  # S: what the model's cell encoder reads
   num_truncated: int  # cells of the split left out because their field held more than max_objects
+  pixels: str = 'intensity'  # model.cell_crop_pixels
+  background: np.ndarray | None = None  # [N, 3] float32: the field's background colour at each cell
 
   @property
   def shift(self):
@@ -51,17 +56,25 @@ def build_pool(builder, split, config) -> CellCropPool:
                      'model.cell_crop_size > 0 and model.cell_class_refinement=True')
   shift = max(crop_size // 8, 1)
   side = crop_size + 2 * shift
-  crop = jax.jit(functools.partial(detector.crop_cells, crop_size=side, margin=context_margin(crop_size, shift)))
   mean, std = np.asarray(input_pipeline.IMAGENET_MEAN), np.asarray(input_pipeline.IMAGENET_STD)
-  crops, labels, truncated = [], [], 0
+
+  @jax.jit
+  def crop_with_background(images, boxes):
+    linear = images * std + mean
+    return (detector.crop_cells(linear, boxes, side, context_margin(crop_size, shift)),
+            optical_density.background_at(linear, boxes[..., :2]))
+
+  crops, backgrounds, labels, truncated = [], [], [], 0
   for batch in input_pipeline.eval_dataset(builder, split, config, 1).as_numpy_iterator():
     cut = {k: v[0] for k, v in batch.items()}  # one device
-    pixels = np.asarray(crop(cut['image'], cut['boxes']))  # [B, T, P, P, 3] normalized
+    pixels, background = (np.asarray(x) for x in crop_with_background(cut['image'], cut['boxes']))
     keep = (cut['weight'] > 0) & cut['example_valid'][:, None]
-    crops.append(np.clip(np.round((pixels[keep] * std + mean) * 255.0), 0, 255).astype(np.uint8))
+    crops.append(np.clip(np.round(pixels[keep] * 255.0), 0, 255).astype(np.uint8))
+    backgrounds.append(background[keep].astype(np.float32))
     labels.append(cut['labels'][keep].astype(np.int32))
     truncated += int(cut['num_truncated'][cut['example_valid']].sum())
-  pool = CellCropPool(np.concatenate(crops), np.concatenate(labels), crop_size, truncated)
+  pool = CellCropPool(np.concatenate(crops), np.concatenate(labels), crop_size, truncated,
+                      config.model.cell_crop_pixels, np.concatenate(backgrounds))
   if not len(pool.labels):
     raise ValueError(f'cell_crop_batch_size={config.cell_crop_batch_size}: the {split} split has no annotated cell')
   logging.info('cell crop pool: %d cells of %s (%d left out: fields with more than max_objects=%d cells)',
@@ -80,14 +93,24 @@ def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True
   rows = dy[:, None] + np.arange(size)  # [n, S]
   cols = dx[:, None] + np.arange(size)
   crops = pool.crops[index[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32) / 255.0
+  optical = pool.pixels == 'optical_density'
+  background = pool.background[index] if optical else np.ones((count, 3), np.float32)
   if augment:
     flip_h, flip_v = rng.random((2, count)) < 0.5
     crops[flip_h] = crops[flip_h, :, ::-1]
     crops[flip_v] = crops[flip_v, ::-1]
-    crops *= rng.uniform(1 - _CHANNEL_JITTER, 1 + _CHANNEL_JITTER, (count, 1, 1, 3))
-  crops = (np.clip(crops, 0, 1) - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
+    channel_scale = rng.uniform(1 - _CHANNEL_JITTER, 1 + _CHANNEL_JITTER, (count, 3))
+    crops *= channel_scale[:, None, None]
+    background = background * channel_scale
+  if optical:  # the crop and its background scaled alike: the jitter leaves the density as it was
+    crops = np.asarray(_optical_density_input(crops, background))
+  else:
+    crops = (np.clip(crops, 0, 1) - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
   return {'cell_crops': crops.astype(np.float32).reshape((num_devices, per_device, size, size, 3)),
           'cell_crop_labels': pool.labels[index].reshape(num_devices, per_device)}
+
+
+_optical_density_input = jax.jit(optical_density.encoder_input)
 
 
 def with_crops(batches, pool, start_step, seed, num_devices, per_device, augment=True):

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.roi_size = 7
   c.model.input_stride = 1  # 2: the backbone reads the image at half resolution, the cell crops at full
   c.model.cell_crop_size = 0  # >0: attribute queries also read an SxS crop of each cell's input pixels
+  # What the crops' CNN reads: 'intensity' (the normalized input) or 'optical_density' (against the field's
+  # background around the cell, lld_jax.optical_density).
+  c.model.cell_crop_pixels = 'intensity'
   c.model.cell_class_refinement = False  # one more query on those tokens corrects the last layer's classes
   # The first denoising group's positives, which train the attribute head and the cell classifier, read their
   # cells at the true boxes instead of at their refined boxes.

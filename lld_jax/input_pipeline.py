@@ -19,12 +19,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from lld_jax.matching import MASK_STRIDE
+from lld_jax.models.resnet import IMAGENET_MEAN
+from lld_jax.models.resnet import IMAGENET_STD
 from tfds_lld import lld_format
 
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; the accelerators belong to JAX.
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)

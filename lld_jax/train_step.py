@@ -65,6 +65,7 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       dn_cells_at_true_boxes=m.dn_cells_at_true_boxes,
       # A run saved before these options existed (its config.json lacks the keys) is evaluated as trained.
       cell_class_flips=m.get('cell_class_flips', False), attribute_box_size=m.get('attribute_box_size', False),
+      cell_crop_pixels=m.get('cell_crop_pixels', 'intensity'),
       dtype=jnp.dtype(m.dtype))
 
 

@@ -8,7 +8,8 @@ For every annotated cell of each split, prints the top-1 class accuracy of:
 - the cell classifier and the decoder's class for the detection that answers the cell: of the queries whose box
   has IoU >= 0.5 with it, the one with the best decoder score.
 The first separates what the classifier learned from what the boxes cost; a gap between train and test is
-over-fitting. Uses the EMA weights when the config keeps an EMA (as evaluation does), `--raw_weights` for the
+over-fitting. Also prints, per split, the true-box confusions: for each true class, its cells' count and the classes
+the classifier gave them. Uses the EMA weights when the config keeps an EMA (as evaluation does), `--raw_weights` for the
 trained ones. Writes JSON to `--out` when given.
 """
 
@@ -57,9 +58,11 @@ def main(argv):
     return outputs['dn_cell_class_logits']
 
   predict = jax.jit(functools.partial(train.predict_step, variables, model=model))
+  class_names = input_pipeline.dataset_info(builder).class_names
   summary = {}
   for split in _SPLITS.value:
     cells = at_true_box = answered = classifier_right = decoder_right = 0
+    confusion = np.zeros((num_classes, num_classes), np.int64)  # [true, given] at the true boxes
     for batch in input_pipeline.eval_dataset(builder, split, config, 1).as_numpy_iterator():
       batch = {k: v[0] for k, v in batch.items()}  # one device
       targets = {k: batch[k] for k in ('labels', 'boxes', 'weight')}
@@ -71,6 +74,7 @@ def main(argv):
         labels = batch['labels'][i][real]
         cells += len(labels)
         at_true_box += int((true_box_classes[i][real] == labels).sum())
+        np.add.at(confusion, (labels, true_box_classes[i][real]), 1)
         overlap = np.asarray(box_ops.pairwise_iou(box_ops.cxcywh_to_xyxy(outputs['boxes'][i]),
                                                   box_ops.cxcywh_to_xyxy(batch['boxes'][i][real])))
         query_scores = outputs['logits'][i].max(-1)
@@ -85,11 +89,23 @@ def main(argv):
     summary[split] = {'cells': cells, 'classifier_at_true_boxes': at_true_box / max(cells, 1),
                       'cells_with_a_detection_iou50': answered,
                       'classifier_at_detection': classifier_right / max(answered, 1),
-                      'decoder_at_detection': decoder_right / max(answered, 1)}
+                      'decoder_at_detection': decoder_right / max(answered, 1),
+                      'true_box_confusions': confusion_by_name(confusion, class_names)}
   print(json.dumps(summary, indent=1))
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       json.dump(summary, f, indent=1)
+
+
+def confusion_by_name(confusion, class_names):
+  """{true class: {'cells': n, 'given': {class: n, ...}}} from a [true, given] count matrix, the given classes
+  most frequent first; classes without cells left out."""
+  out = {}
+  for t, row in enumerate(confusion):
+    if row.sum():
+      given = {class_names[g]: int(row[g]) for g in np.argsort(-row, kind='stable') if row[g]}
+      out[class_names[t]] = {'cells': int(row.sum()), 'given': given}
+  return out
 
 
 if __name__ == '__main__':

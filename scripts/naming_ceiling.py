@@ -6,7 +6,8 @@ Reads the detections the run's evaluation scored (`RUN/eval/<split>/predictions.
 more with the same metrics: once with each detection's class replaced by that of the true cell it overlaps most
 (when that IoU is at least 0.5), so only finding and ranking the boxes can still fail (the naming ceiling); and
 once as one class with one detection per box (a query's several class answers share its box), ranked by the
-cell score. Also prints the share of true cells that some detection overlaps by IoU >= 0.5.
+cell score. Also prints the share of true cells that some detection overlaps by IoU >= 0.5, and each class's AP50
+as scored and with the true names (where a class loses AP: its naming or its finding).
 """
 
 import argparse
@@ -39,9 +40,12 @@ def naming_ceiling(truths, predictions, class_names, max_dets=(1, 10, 100)) -> d
   one_class = [metrics.ImageTruth(**{**t.__dict__, 'labels': np.zeros_like(t.labels)}) for t in truths]
   score = lambda t, p, names: metrics.evaluate(t, p, names, lld_format.ATTRIBUTE_NAMES, max_dets=max_dets)
   as_scored, ceiling = score(truths, predictions, class_names), score(truths, renamed, class_names)
+  per_class = {name: [as_scored[f'per_class/{name}/AP50'], ceiling[f'per_class/{name}/AP50']]
+               for name in class_names if f'per_class/{name}/AP50' in as_scored}
   return {'cells': cells, 'found_at_iou_0.5': found / max(cells, 1), 'mAP50': as_scored['mAP50'],
           'cells/AP50': as_scored['cells/AP50'], 'mAP50_with_true_names': ceiling['mAP50'],
-          'one_per_box_AP50': score(one_class, per_box, ['cell'])['mAP50']}
+          'one_per_box_AP50': score(one_class, per_box, ['cell'])['mAP50'],
+          'per_class_AP50_as_scored_and_with_true_names': per_class}
 
 
 def main(argv=None):

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 from lld_jax import evaluate
 from lld_jax import input_pipeline
 from lld_jax import metrics as metrics_lib
+from lld_jax import optical_density
 from lld_jax import postprocess
 from lld_jax.models import detector
 from tfds_lld import lld_format
@@ -36,9 +37,11 @@ from tfds_lld import lld_format
 MARGIN = 0.1
 
 
-def cell_crops(builder, split, source_size, crop_size):
-  """Crops [N, S, S, 3] in [0, 1] of every annotated cell, with labels [N] and attributes [N, A]."""
+def cell_crops(builder, split, source_size, crop_size, pixels='intensity'):
+  """Crops [N, S, S, 3] in [0, 1] of every annotated cell (`pixels='optical_density'`: their optical density
+  against the field's background, lld_jax.optical_density), with labels [N] and attributes [N, A]."""
   crop = jax.jit(functools.partial(detector.crop_cells, crop_size=crop_size, margin=MARGIN))
+  background_at = jax.jit(optical_density.background_at)
   crops, labels, attributes = [], [], []
   for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
     image = example['image']
@@ -51,7 +54,10 @@ def cell_crops(builder, split, source_size, crop_size):
     if not len(ymin):
       continue
     boxes = np.stack([(xmin + xmax) / 2, (ymin + ymax) / 2, xmax - xmin, ymax - ymin], -1)
-    crops.append(np.asarray(crop(resized[None], boxes[None]))[0])
+    cut = crop(resized[None], boxes[None])
+    if pixels == 'optical_density':
+      cut = optical_density.optical_density(cut, background_at(resized[None], boxes[None, :, :2])[:, :, None, None])
+    crops.append(np.asarray(cut)[0])
     labels.append(example['objects']['label'])
     attributes.append(example['objects']['attributes'].reshape(len(boxes), -1))
   return np.concatenate(crops), np.concatenate(labels), np.concatenate(attributes)
@@ -137,10 +143,11 @@ def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, 
   return predict
 
 
-def oracle_predictions(truths, predict, builder, split, source_size, crop_size, attribute_offsets=None):
+def oracle_predictions(truths, predict, builder, split, source_size, crop_size, attribute_offsets=None,
+                       pixels='intensity'):
   """Detections at every true box, and the classifier's top-1 accuracy on them. The attribute values are decided
   as `lld_jax.evaluate` decides them (`attribute_offsets`: `evaluate.attribute_logit_offsets`)."""
-  crops, labels, _ = cell_crops(builder, split, source_size, crop_size)
+  crops, labels, _ = cell_crops(builder, split, source_size, crop_size, pixels)
   probabilities, attribute_logits = (np.asarray(x, np.float64) for x in predict(crops))
   attributes = postprocess.attribute_values(attribute_logits, attribute_offsets)
   predictions, start = [], 0
@@ -165,6 +172,9 @@ _CROP_SIZE = flags.DEFINE_integer('crop_size', 48, 'crop side in pixels')
 _WIDTHS = flags.DEFINE_list('widths', ['32', '64', '96', '128', '160'], 'CNN widths, one 3x3 conv each')
 _STAIN_JITTER = flags.DEFINE_enum('stain_jitter', 'channel', ['channel', 'film', 'stain', 'none'],
                                    'colour augmentation')
+_PIXELS = flags.DEFINE_enum('pixels', 'intensity', ['intensity', 'optical_density'],
+                            'what the CNN reads: the crop\'s intensities, or its optical density against the field\'s '
+                            'background (then a channel scaling is no augmentation: use --stain_jitter=none)')
 _OUT = flags.DEFINE_string('out', '', 'write the summary JSON here')
 
 
@@ -175,7 +185,7 @@ def main(argv):
   d = config.dataset
   builder = input_pipeline.load_builder(d.name, d.config, d.data_dir or None, d.manual_dir or None)
   info = input_pipeline.dataset_info(builder)
-  crops, labels, attributes = cell_crops(builder, d.train_split, source_size, _CROP_SIZE.value)
+  crops, labels, attributes = cell_crops(builder, d.train_split, source_size, _CROP_SIZE.value, _PIXELS.value)
   print(f'{len(crops)} training cells; per class {np.bincount(labels, minlength=info.num_classes).tolist()}',
         flush=True)
   predict = train_classifier(crops, labels, attributes, info.num_classes, _STEPS.value, _BATCH.value, _SEED.value,
@@ -183,7 +193,7 @@ def main(argv):
   truths = evaluate.ground_truth(builder, d.eval_split)
   offsets = evaluate.attribute_logit_offsets(config, input_pipeline.count_attribute_values(builder, d.train_split))
   predictions, accuracy = oracle_predictions(truths, predict, builder, d.eval_split, source_size, _CROP_SIZE.value,
-                                             offsets)
+                                             offsets, _PIXELS.value)
   result = metrics_lib.evaluate(truths, predictions, info.class_names, lld_format.ATTRIBUTE_NAMES,
                                 max_dets=(1, 10, 100 * info.num_classes))
   keys = ['mAP50', 'mAP50_95', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper']
@@ -191,7 +201,7 @@ def main(argv):
   keys += sorted(k for k in result if k.startswith('attributes/strict/') and k.endswith('/f1'))
   summary = {'source_size': source_size, 'steps': _STEPS.value, 'batch_size': _BATCH.value,
              'learning_rate': _LEARNING_RATE.value, 'crop_size': _CROP_SIZE.value, 'widths': _WIDTHS.value,
-             'stain_jitter': _STAIN_JITTER.value,
+             'stain_jitter': _STAIN_JITTER.value, 'pixels': _PIXELS.value,
              'attribute_logit_adjustment': evaluate.attribute_logit_adjustment(config),
              'class_accuracy': accuracy, **{k: result[k] for k in keys}}
   print(json.dumps(summary, indent=1))

@@ -1,11 +1,14 @@
 """The true-cell crop stream: what `sample` draws from a pool (the pool's crops themselves are checked against
 the model's own crops in test_overfit, which builds a dataset)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from lld_jax import cell_crops
 from lld_jax import input_pipeline
+from lld_jax import optical_density
 from lld_jax.models import detector
 
 # Uniform crops, so that a shift or a flip leaves them as they are; neighbouring values differ by more than the
@@ -72,3 +75,19 @@ def test_context_margin_puts_the_models_crop_at_the_centre():
   wide = np.asarray(detector.crop_cells(image, boxes, crop_size + 2 * shift,
                                         cell_crops.context_margin(crop_size, shift)))
   np.testing.assert_allclose(wide[:, :, shift:-shift, shift:-shift], model_crop, atol=1e-5)
+
+
+def test_optical_density_draws_do_not_move_with_the_channel_jitter():
+  """The pool keeps each cell's background colour and scales it with the crop's channels, as another lamp would:
+  the optical density the encoder reads is the same drawn with or without the jitter (the crops are uniform, so
+  shifts and flips leave them alone)."""
+  pool = dataclasses.replace(_pool(), pixels='optical_density',
+                             background=np.full((len(VALUES), 3), 0.99, np.float32))
+  plain = cell_crops.sample(pool, step=3, seed=0, num_devices=1, per_device=16, augment=False)
+  jittered = cell_crops.sample(pool, step=3, seed=0, num_devices=1, per_device=16, augment=True)
+  np.testing.assert_array_equal(plain['cell_crop_labels'], jittered['cell_crop_labels'])
+  np.testing.assert_allclose(jittered['cell_crops'], plain['cell_crops'], atol=1e-4)
+  uniform = np.broadcast_to(VALUES[:, None, None, None] / 255.0, (len(VALUES), 1, 1, 3))
+  expected = np.asarray(optical_density.encoder_input(uniform, np.full((len(VALUES), 3), 0.99)))[:, 0, 0]
+  first = [int(np.flatnonzero(LABELS == label)[0]) for label in plain['cell_crop_labels'][0]]
+  np.testing.assert_allclose(plain['cell_crops'][0, :, 0, 0], expected[first], rtol=1e-5)

@@ -11,6 +11,7 @@ from lld_jax import cell_crops
 from lld_jax import evaluate
 from lld_jax import input_pipeline
 from lld_jax import metrics as metrics_lib
+from lld_jax import optical_density
 from lld_jax import postprocess
 from lld_jax import sharding
 from lld_jax import train_step
@@ -92,22 +93,28 @@ def test_tiny_model_overfits_two_images(two_images):
   assert result['attributes/mean_f1_strict'] > 0.9, result['attributes/mean_f1_strict']
 
 
-def test_crop_pool_holds_each_training_cell_as_the_model_reads_it(two_images):
-  """The crop stream's pool (lld_jax.cell_crops) holds every cell of the split; cut to its centre, each is the
-  crop the model itself reads at the cell's true box (detector.crop_cells, as Detector calls it), up to the
-  rounding of its uint8 pixels."""
+@pytest.mark.parametrize('pixels', detector.CELL_CROP_PIXELS)
+def test_crop_pool_holds_each_training_cell_as_the_model_reads_it(two_images, pixels):
+  """The crop stream's pool (lld_jax.cell_crops) holds every cell of the split; cut to its centre, each is what
+  the model's cell encoder itself reads at the cell's true box (detector.cell_encoder_crops, as Detector calls
+  it), up to the rounding of its uint8 pixels."""
   builder = two_images
   config = _config()
   config.per_device_batch_size = 1
+  config.model.cell_crop_pixels = pixels
   pool = cell_crops.build_pool(builder, 'train', config)
   batch = next(input_pipeline.eval_dataset(builder, 'train', config, 1).as_numpy_iterator())
   batch = {k: v[0] for k, v in batch.items()}
   num_cells = int(batch['weight'].sum())
   assert len(pool.labels) == num_cells > 0 and pool.num_truncated == 0
   np.testing.assert_array_equal(pool.labels, batch['labels'][0, :num_cells])
-  read_by_model = np.asarray(detector.crop_cells(batch['image'], batch['boxes'], config.model.cell_crop_size))
+  read_by_model = np.asarray(detector.cell_encoder_crops(batch['image'], batch['boxes'],
+                                                         config.model.cell_crop_size, pixels))
   drawn = cell_crops.sample(pool, 0, 0, 1, 64, augment=False)
-  step = 1 / 255 / min(input_pipeline.IMAGENET_STD)  # one uint8 level, normalized
+  if pixels == 'intensity':
+    step = 1 / 255 / min(input_pipeline.IMAGENET_STD)  # one uint8 level, normalized
+  else:  # one uint8 level of the darkest pixel, in optical density, as the encoder reads it
+    step = 1 / 255 / (pool.crops.min() / 255) / optical_density._ENCODER_SCALE
   for crop, label in zip(drawn['cell_crops'][0], drawn['cell_crop_labels'][0]):
     same_label = np.flatnonzero(pool.labels == label)
     assert np.abs(read_by_model[0, same_label] - crop).max(axis=(1, 2, 3)).min() <= step / 2 + 1e-5

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lld_jax import boxes as box_ops
+from lld_jax import optical_density
 from lld_jax.models import resnet
 from lld_jax.models.deformable_attention import MultiScaleDeformableAttention
 from lld_jax.models.deformable_attention import bilinear_sample
@@ -203,6 +204,23 @@ def crop_cells(images, boxes, crop_size, margin=CELL_CROP_MARGIN):
   by `margin` on every side."""
   crops = roi_sample(images, boxes, crop_size, margin)
   return crops.reshape(boxes.shape[:2] + (crop_size, crop_size, images.shape[-1]))
+
+
+CELL_CROP_PIXELS = ('intensity', 'optical_density')
+
+
+def cell_encoder_crops(images, boxes, crop_size, pixels='intensity'):
+  """What the cell encoder reads [B, N, S, S, 3] of the cells at normalized cxcywh boxes [B, N, 4] of images
+  [B, H, W, 3] (normalized as the backbone's input): `crop_cells` of the images themselves ('intensity'), or of
+  their linear intensities turned into optical density against the field's background around each cell
+  ('optical_density', lld_jax.optical_density: the lamp, the camera and the plasma's tint divided out)."""
+  if pixels == 'intensity':
+    return crop_cells(images, boxes, crop_size)
+  if pixels == 'optical_density':
+    linear = images * jnp.asarray(resnet.IMAGENET_STD, images.dtype) + jnp.asarray(resnet.IMAGENET_MEAN, images.dtype)
+    background = optical_density.background_at(linear, boxes[..., :2])
+    return optical_density.encoder_input(crop_cells(linear, boxes, crop_size), background)
+  raise ValueError(f'unknown cell crop pixels {pixels!r}; expected one of {CELL_CROP_PIXELS}')
 
 
 class CellCropEncoder(nn.Module):
@@ -396,6 +414,7 @@ class Detector(nn.Module):
   roi_size: int = 7
   input_stride: int = 1
   cell_crop_size: int = 0
+  cell_crop_pixels: str = 'intensity'
   cell_class_refinement: bool = False
   dn_cells_at_true_boxes: bool = False
   cell_class_flips: bool = False
@@ -503,7 +522,8 @@ class Detector(nn.Module):
                        'model.cell_class_refinement=True')
     if self.cell_crop_size:
       cell_encoder = CellCropEncoder(self.hidden_dim, dtype=self.dtype, name='cell_encoder')
-      crops = crop_cells(images.astype(self.dtype), attribute_boxes, self.cell_crop_size)
+      crops = cell_encoder_crops(images.astype(self.dtype), attribute_boxes, self.cell_crop_size,
+                                 self.cell_crop_pixels)
       cell_tokens = cell_encoder(crops)
       if self.cell_class_refinement:
         # Crop features only: the attribute head's shared attention stays the attributes' (a cross-entropy there

@@ -39,6 +39,10 @@ import jax.numpy as jnp
 FROZEN_COLLECTION = "frozen_stats"
 NORMS = ("frozen_bn", "group_norm")
 LEVELS = ("stride4", "stride8", "stride16", "stride32")
+# The input normalization of torchvision's ImageNet weights: images reach the model as (pixels - mean) / std,
+# pixels in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # depth -> (block kind, blocks per stage)
 _SPECS = {
