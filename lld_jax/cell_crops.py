@@ -103,14 +103,11 @@ def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True
     crops *= channel_scale[:, None, None]
     background = background * channel_scale
   if optical:  # the crop and its background scaled alike: the jitter leaves the density as it was
-    crops = np.asarray(_optical_density_input(crops, background))
+    crops = optical_density.encoder_input(crops, background)
   else:
     crops = (np.clip(crops, 0, 1) - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
   return {'cell_crops': crops.astype(np.float32).reshape((num_devices, per_device, size, size, 3)),
           'cell_crop_labels': pool.labels[index].reshape(num_devices, per_device)}
-
-
-_optical_density_input = jax.jit(optical_density.encoder_input)
 
 
 def with_crops(batches, pool, start_step, seed, num_devices, per_device, augment=True):

@@ -14,6 +14,11 @@ from lld_jax import losses
 from lld_jax import matching
 
 
+# 'one_to_one': the selected proposals matched like a decoder layer (RT-DETR); 'one_to_one_tokens': every token
+# a prediction, matched one-to-one (Deformable DETR); 'one_to_many': every token, task-aligned assignment (YOLOv8).
+ENCODER_LOSSES = ('one_to_one', 'one_to_one_tokens', 'one_to_many')
+
+
 def _global_count(count, axis_name):
   if axis_name is not None:
     count = jax.lax.psum(count, axis_name) / jax.lax.psum(1, axis_name)
@@ -35,10 +40,13 @@ def _match_stacked(logits, boxes, targets, weights: matching.CostWeights, attrib
 
 
 def _matched_losses(logits, boxes, query_for_target, query_in_region, targets, weights, loss_config, num_boxes,
-                    background_below):
-  """Class and box losses of one set of predictions [B, Q, ...] under a given assignment."""
+                    background_below, usable=None):
+  """Class and box losses of one set of predictions [B, Q, ...] under a given assignment; `usable` [B, Q] (default
+  all) marks the predictions that may be negatives."""
   background = losses.background_weight(query_in_region, logits, background_below,
                                         targets.get('region_negative_weight'))
+  if usable is not None:
+    background = jnp.where(usable, background, 0.0)
   query_labels, query_boxes, query_weight, is_matched = losses.matched_query_targets(
       query_for_target, targets['labels'], targets['boxes'], targets['weight'], background, logits.shape[1])
   quality = box_ops.iou(box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(query_boxes))
@@ -48,6 +56,17 @@ def _matched_losses(logits, boxes, query_for_target, query_in_region, targets, w
   matched_boxes = losses.gather_queries(boxes, query_for_target)
   l1_sum, giou_sum = losses.box_losses(matched_boxes, targets['boxes'], targets['weight'])
   return {'class': class_sum / num_boxes, 'l1': l1_sum / num_boxes, 'giou': giou_sum / num_boxes}
+
+
+def _matched_token_losses(outputs, targets, weights, loss_config, num_boxes, background_below):
+  """Every encoder token as a prediction, each cell matched one-to-one to the best of them (Deformable DETR's
+  two-stage loss): a cell whose tokens the query selection passes over still gets a positive token, so a rare or
+  faint kind of cell is not left below the selection for good. Padding tokens are neither positive nor negative."""
+  query_for_target, in_region = _match_stacked(outputs['token_logits'][None], outputs['token_boxes'][None], targets,
+                                               weights)
+  return {f'{term}/tokens': value for term, value in _matched_losses(
+      outputs['token_logits'], outputs['token_boxes'], query_for_target[0], in_region[0], targets, weights,
+      loss_config, num_boxes, background_below, outputs['token_usable']).items()}
 
 
 def _denoising_losses(outputs, layer, targets, loss_config, num_boxes, background_below):
@@ -130,10 +149,11 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
   names = [f'layer{i}' for i in matched_layers]
   logits = [outputs['pred_logits'][i] for i in matched_layers]
   boxes = [outputs['pred_boxes'][i] for i in matched_layers]
-  if loss_config.encoder_loss not in ('one_to_many', 'one_to_one'):
-    raise ValueError(f'loss.encoder_loss={loss_config.encoder_loss!r}: expected one_to_many or one_to_one')
-  if loss_config.encoder_loss == 'one_to_many' and 'token_logits' not in outputs:
-    raise ValueError('loss.encoder_loss=one_to_many needs the per-token outputs of a train-mode forward pass')
+  if loss_config.encoder_loss not in ENCODER_LOSSES:
+    raise ValueError(f'loss.encoder_loss={loss_config.encoder_loss!r}: expected one of {ENCODER_LOSSES}')
+  if loss_config.encoder_loss in ('one_to_many', 'one_to_one_tokens') and 'token_logits' not in outputs:
+    raise ValueError(f'loss.encoder_loss={loss_config.encoder_loss} needs the per-token outputs of a train-mode '
+                     'forward pass')
   if loss_config.encoder_loss == 'one_to_one' and 'enc_logits' in outputs:
     names.append('encoder')
     logits.append(outputs['enc_logits'])
@@ -157,6 +177,8 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
     background_below *= losses.labelled_cell_score(logits[final], final_assignment, targets, axis_name)
   if loss_config.encoder_loss == 'one_to_many':
     terms.update(_token_losses(outputs, targets, loss_config, axis_name, background_below))
+  if loss_config.encoder_loss == 'one_to_one_tokens':
+    terms.update(_matched_token_losses(outputs, targets, weights, loss_config, num_boxes, background_below))
   for i, name in enumerate(names):
     for term, value in _matched_losses(logits[i], boxes[i], assignments[i], in_region[i], targets, weights,
                                        loss_config, num_boxes, background_below).items():

@@ -86,8 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.attribute_weight = 1.0
   c.loss.cell_class_weight = 1.0  # cross-entropy of the cell-crop classifier (model.cell_class_refinement)
   c.loss.aux_loss = True
-  # 'one_to_one': Hungarian matching of the selected proposals (RT-DETR). 'one_to_many': every encoder token is a
-  # prediction with task-aligned assignment (YOLOv8's); slower to converge in our A/B (docs/results.md).
+  # 'one_to_one': Hungarian matching of the selected proposals (RT-DETR). 'one_to_one_tokens': every encoder token
+  # is a prediction, each cell matched to the best one (Deformable DETR's two-stage loss), so cells the selection
+  # passes over are still learnt. 'one_to_many': every token, with task-aligned assignment (YOLOv8's); slower to
+  # converge in our A/B (docs/results.md).
   c.loss.encoder_loss = 'one_to_one'
   c.loss.dense_top_k = 10  # positives per target in the one-to-many encoder loss
   c.loss.region_restricted = True  # False: unlabelled areas are background (what a plain detector does)

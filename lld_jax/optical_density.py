@@ -9,6 +9,7 @@ leaves the second; a small CNN on raw pixels would have to learn both from a few
 import jax
 import jax.numpy as jnp
 
+from lld_jax import postprocess
 from lld_jax.models.deformable_attention import bilinear_sample
 
 # Tiles along the canvas's longer side: 16 px at the demo's 224, 46 px at LLD's 640, a cell or more at 100x.
@@ -55,13 +56,15 @@ def background_at(pixels, centres, tiles_per_side=TILES_PER_SIDE):
 
 
 def optical_density(pixels, background):
-  """-log(pixels / background), per channel; background broadcasts against pixels."""
-  ratio = pixels / jnp.maximum(background, 1e-6)
-  return -jnp.log(jnp.clip(ratio, _MIN_RATIO, _MAX_RATIO))
+  """-log(pixels / background), per channel; background broadcasts against pixels. NumPy in, NumPy out: the
+  crop stream computes it on the host, where a JAX call would queue behind the training step."""
+  xp = postprocess.array_module(pixels)
+  ratio = pixels / xp.maximum(background, 1e-6)
+  return -xp.log(xp.clip(ratio, _MIN_RATIO, _MAX_RATIO))
 
 
 def encoder_input(crop_pixels, background):
   """What the cell encoder reads for crops [..., S, S, 3] of linear intensities and their background [..., 3]:
-  the optical density, shifted and scaled to about zero mean and unit spread."""
+  the optical density, shifted and scaled to about zero mean and unit spread (NumPy or JAX arrays)."""
   density = optical_density(crop_pixels, background[..., None, None, :])
   return (density - _ENCODER_SHIFT) / _ENCODER_SCALE

@@ -24,17 +24,18 @@ class Detections:
   queries: np.ndarray  # [n] the query each detection comes from
 
 
-def _array_module(x):
+def array_module(x):
+  """numpy for host arrays, jax.numpy for device arrays and tracers."""
   return jnp if isinstance(x, jax.Array) else np  # a tracer inside jit is a jax.Array too
 
 
 def _sigmoid(x):
-  return 1.0 / (1.0 + _array_module(x).exp(-x))
+  return 1.0 / (1.0 + array_module(x).exp(-x))
 
 
 def _softmax(x):
   x = x - x.max(-1, keepdims=True)
-  e = _array_module(x).exp(x)
+  e = array_module(x).exp(x)
   return e / e.sum(-1, keepdims=True)
 
 
@@ -63,7 +64,7 @@ def class_scores(logits, cell_class_logits=None):
   decoder alone and the decoder's best score times the classifier (docs/results.md).
 
   NumPy inputs are scored in float64, JAX arrays (also inside jit) in float32."""
-  xp = _array_module(logits)
+  xp = array_module(logits)
   dtype = np.float64 if xp is np else jnp.float32
   scores = _sigmoid(logits.astype(dtype))
   if cell_class_logits is None:

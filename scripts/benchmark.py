@@ -266,10 +266,10 @@ def matcher_seconds(config, repeats):
 
 
 def matchings_per_step(config):
-  """Prediction sets matched per step: the decoder layers (all with aux_loss), plus the proposals when the
-  encoder is matched one-to-one."""
+  """Prediction sets matched per step: the decoder layers (all with aux_loss), plus the proposals or the tokens
+  when the encoder is matched one-to-one."""
   m = config.model
-  encoder = m.two_stage and config.loss.encoder_loss == 'one_to_one'
+  encoder = m.two_stage and config.loss.encoder_loss in ('one_to_one', 'one_to_one_tokens')
   return (m.num_decoder_layers if config.loss.aux_loss else 1) + (1 if encoder else 0)
 
 

@@ -487,6 +487,41 @@ def test_one_to_many_encoder_loss_replaces_proposal_matching_and_respects_the_re
     criterion.detection_loss(_outputs(rng, targets), targets, config)
 
 
+def test_one_to_one_token_loss_matches_each_cell_to_its_best_token_and_skips_padding():
+  """`one_to_one_tokens`: every token a prediction, one per cell. With a token exactly at each cell among 64
+  random ones, the matched boxes cost nothing; padding tokens learn nothing; the selected proposals are not
+  matched again."""
+  rng = np.random.default_rng(5)
+  targets = _targets(rng, (2, T))
+  targets['annotation_mask'][:] = 1.0
+  outputs = _with_tokens(rng, _outputs(rng, targets))
+  exact = rng.permutation(np.arange(8, 64))[:T]  # tokens 0-7 are padding below
+  boxes = outputs['token_boxes'].copy()
+  for b in range(B):
+    real = np.flatnonzero(targets['weight'][b] > 0)
+    boxes[b, exact[:len(real)]] = targets['boxes'][b, real]
+  usable = np.ones((B, 64), bool)
+  usable[:, :8] = False
+  outputs.update(token_boxes=boxes, token_usable=usable)
+  config = _loss_config()
+  config.encoder_loss = 'one_to_one_tokens'
+
+  @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+  def run(token_logits, rest):
+    loss = lambda l: criterion.detection_loss({**rest, 'token_logits': l}, targets, config)
+    return jax.value_and_grad(loss, has_aux=True)(token_logits)
+
+  (total, terms), grads = run(outputs['token_logits'], {k: v for k, v in outputs.items() if k != 'token_logits'})
+  assert {'class/tokens', 'l1/tokens', 'giou/tokens'} <= set(terms) and 'class/encoder' not in terms
+  assert np.isfinite(float(total)) and float(terms['class/tokens']) > 0
+  assert float(terms['l1/tokens']) < 1e-6 and float(terms['giou/tokens']) < 1e-4
+  grads = np.asarray(grads)
+  assert (grads[:, :8] == 0).all() and (np.abs(grads[:, 8:]).sum(-1) > 0).all()
+  for b in range(B):  # the exact tokens are the positives: pushed up on their cell's class
+    for t, token in zip(np.flatnonzero(targets['weight'][b] > 0), exact):
+      assert grads[b, token, targets['labels'][b, t]] < 0
+
+
 def _log_softmax(x):
   x = x - x.max(-1, keepdims=True)
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
