@@ -51,6 +51,9 @@ def get_config():
   c.model.backbone_norm = 'group_norm'  # no pretrained weights on the demo machine
   c.model.backbone_width = 32
   c.model.cell_crop_size = 32
+  # The crops' CNN reads optical density against the field's background (lld_jax.optical_density): mAP50 +0.082 and
+  # +0.004 on two seeds, the true-box crop classifier +0.026 accuracy on two seeds (session 23).
+  c.model.cell_crop_pixels = 'optical_density'
   c.model.cell_class_refinement = True
   c.model.dn_cells_at_true_boxes = True  # the cell classifier learns from crops of cells from the first step
   c.model.cell_class_flips = True  # mAP50 +0.014 / +0.015 on two seeds at no training cost (session 21)
