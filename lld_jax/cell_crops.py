@@ -1,19 +1,18 @@
 """A stream of true-cell crops from the whole training split, for the cell classifier.
 
-Each training step shows the detector a few fields, hence a few dozen cells; the cell classifier (a small CNN
-on each cell's own pixels, `detector.CellClassifier`) learns from those alone and stays far below what the
-same CNN reaches on crops of the true boxes in the same time (docs/results.md, session 20). `build_pool` crops
-every annotated cell of the split once, as the model sees it (the field resized to the canvas, no augmentation),
-with some context around the crop; `sample` then draws `cell_crop_batch_size` of them per device and step,
-each shifted by up to an eighth of its side (a box that is a little off), flipped, and with each colour channel
-scaled by 0.85-1.15 (stains vary), then made what the cell encoder reads (`detector.cell_encoder_crops`: the
-normalized pixels, or their optical density against the field's background, which the pool keeps for each cell;
-its colour is scaled with the crop's, as another lamp's would be, so the density does not move). The draws depend on the seed, the process and the step only, so a resumed run
-sees the same crops.
+Each training step shows the detector a few fields, hence a few dozen cells; the cell classifier (a small CNN on
+each cell's own pixels, `detector.CellClassifier`) learns from those alone and stays far below what the same CNN
+reaches on crops of the true boxes in the same time (docs/results.md, session 20). `build_pool` crops every
+annotated cell of the split once, as the model sees it (the field resized to the canvas, no augmentation), with
+some context around the crop; `sample` then draws `cell_crop_batch_size` of them per device and step, each shifted
+by up to an eighth of its side (a box that is a little off), flipped, and with each colour channel scaled by
+0.85-1.15 (stains vary), then made what the cell encoder reads (`detector.cell_encoder_crops`: the normalized
+pixels, or their optical density against the field's background, which the pool keeps for each cell; its colour is
+scaled with the crop's, as another lamp's would be, so the density does not move). The draws depend on the seed,
+the process and the step only, so a resumed run sees the same crops.
 """
 
 import dataclasses
-import functools
 
 from absl import logging
 import jax

@@ -8,9 +8,9 @@ For every annotated cell of each split, prints the top-1 class accuracy of:
 - the cell classifier and the decoder's class for the detection that answers the cell: of the queries whose box
   has IoU >= 0.5 with it, the one with the best decoder score.
 The first separates what the classifier learned from what the boxes cost; a gap between train and test is
-over-fitting. Also prints, per split, the true-box confusions: for each true class, its cells' count and the classes
-the classifier gave them. Uses the EMA weights when the config keeps an EMA (as evaluation does), `--raw_weights` for the
-trained ones. Writes JSON to `--out` when given.
+over-fitting. Also prints, per split, the true-box confusions: for each true class, its cells' count and the
+classes the classifier gave them. Uses the EMA weights when the config keeps an EMA (as evaluation does),
+`--raw_weights` for the trained ones. Writes JSON to `--out` when given.
 """
 
 import functools

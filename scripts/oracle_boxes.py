@@ -172,7 +172,7 @@ _CROP_SIZE = flags.DEFINE_integer('crop_size', 48, 'crop side in pixels')
 _WIDTHS = flags.DEFINE_list('widths', ['32', '64', '96', '128', '160'], 'CNN widths, one 3x3 conv each')
 _STAIN_JITTER = flags.DEFINE_enum('stain_jitter', 'channel', ['channel', 'film', 'stain', 'none'],
                                    'colour augmentation')
-_PIXELS = flags.DEFINE_enum('pixels', 'intensity', ['intensity', 'optical_density'],
+_PIXELS = flags.DEFINE_enum('pixels', 'intensity', list(detector.CELL_CROP_PIXELS),
                             'what the CNN reads: the crop\'s intensities, or its optical density against the field\'s '
                             'background (then a channel scaling is no augmentation: use --stain_jitter=none)')
 _OUT = flags.DEFINE_string('out', '', 'write the summary JSON here')
