@@ -17,7 +17,7 @@ count is what fits 15 minutes on such a machine with room for its slow minutes. 
 0.75-0.85 (sessions 1-9) and 2.6-2.8 steps/s (10-18, at 256 px); on the slowest, these 620 steps and the warm-up
 would take about 19 minutes in all.
 The issue's quality targets (mAP50 0.90, F1 0.85) are missed. The demo finds its cells better than it names
-them: with the names of the true cells they overlap, its detections would score mAP50 0.90-0.92
+them: with the names of the true cells they overlap, its detections would score mAP50 0.89-0.92
 (`scripts/naming_ceiling.py`). A crop classifier given the true boxes reaches 0.96 / 0.91 when it learns from 112
 training patients (0.85 / 0.84 from 35; `scripts/oracle_boxes.py`, session 18, 3,000 steps of a larger CNN on
 48 px crops): the demo's minutes of two cores are what keep it below the targets. YOLOv8n from scratch reached
