@@ -32,7 +32,7 @@ class CellCropPool:
   crop_size: int  # S: what the model's cell encoder reads
   num_truncated: int  # cells of the split left out because their field held more than max_objects
   pixels: str = 'intensity'  # model.cell_crop_pixels
-  background: np.ndarray | None = None  # [N, 3] float32: the field's background colour at each cell
+  background: np.ndarray | None = None  # [N, 3] float32: the field's background at each cell (optical_density)
 
   @property
   def shift(self):
@@ -55,25 +55,26 @@ def build_pool(builder, split, config) -> CellCropPool:
                      'model.cell_crop_size > 0 and model.cell_class_refinement=True')
   shift = max(crop_size // 8, 1)
   side = crop_size + 2 * shift
-  mean, std = np.asarray(input_pipeline.IMAGENET_MEAN), np.asarray(input_pipeline.IMAGENET_STD)
+  optical = config.model.cell_crop_pixels == 'optical_density'
 
   @jax.jit
   def crop_with_background(images, boxes):
-    linear = images * std + mean
-    return (detector.crop_cells(linear, boxes, side, context_margin(crop_size, shift)),
-            optical_density.background_at(linear, boxes[..., :2]))
+    linear = detector.input_intensities(images)
+    crops = detector.crop_cells(linear, boxes, side, context_margin(crop_size, shift))
+    return crops, (optical_density.background_at(linear, boxes[..., :2]) if optical else None)
 
   crops, backgrounds, labels, truncated = [], [], [], 0
   for batch in input_pipeline.eval_dataset(builder, split, config, 1).as_numpy_iterator():
     cut = {k: v[0] for k, v in batch.items()}  # one device
-    pixels, background = (np.asarray(x) for x in crop_with_background(cut['image'], cut['boxes']))
+    pixels, background = jax.device_get(crop_with_background(cut['image'], cut['boxes']))
     keep = (cut['weight'] > 0) & cut['example_valid'][:, None]
     crops.append(np.clip(np.round(pixels[keep] * 255.0), 0, 255).astype(np.uint8))
-    backgrounds.append(background[keep].astype(np.float32))
+    if optical:
+      backgrounds.append(background[keep].astype(np.float32))
     labels.append(cut['labels'][keep].astype(np.int32))
     truncated += int(cut['num_truncated'][cut['example_valid']].sum())
   pool = CellCropPool(np.concatenate(crops), np.concatenate(labels), crop_size, truncated,
-                      config.model.cell_crop_pixels, np.concatenate(backgrounds))
+                      config.model.cell_crop_pixels, np.concatenate(backgrounds) if optical else None)
   if not len(pool.labels):
     raise ValueError(f'cell_crop_batch_size={config.cell_crop_batch_size}: the {split} split has no annotated cell')
   logging.info('cell crop pool: %d cells of %s (%d left out: fields with more than max_objects=%d cells)',
@@ -93,15 +94,16 @@ def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True
   cols = dx[:, None] + np.arange(size)
   crops = pool.crops[index[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32) / 255.0
   optical = pool.pixels == 'optical_density'
-  background = pool.background[index] if optical else np.ones((count, 3), np.float32)
+  background = pool.background[index] if optical else None
   if augment:
     flip_h, flip_v = rng.random((2, count)) < 0.5
     crops[flip_h] = crops[flip_h, :, ::-1]
     crops[flip_v] = crops[flip_v, ::-1]
     channel_scale = rng.uniform(1 - _CHANNEL_JITTER, 1 + _CHANNEL_JITTER, (count, 3))
     crops *= channel_scale[:, None, None]
-    background = background * channel_scale
-  if optical:  # the crop and its background scaled alike: the jitter leaves the density as it was
+    if optical:  # the crop and its background scaled alike: the jitter leaves the density as it was
+      background = background * channel_scale
+  if optical:
     crops = optical_density.encoder_input(crops, background)
   else:
     crops = (np.clip(crops, 0, 1) - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD

@@ -209,6 +209,11 @@ def crop_cells(images, boxes, crop_size, margin=CELL_CROP_MARGIN):
 CELL_CROP_PIXELS = ('intensity', 'optical_density')
 
 
+def input_intensities(images):
+  """The linear intensities in [0, 1] of images normalized as the backbone's input."""
+  return images * jnp.asarray(resnet.IMAGENET_STD, images.dtype) + jnp.asarray(resnet.IMAGENET_MEAN, images.dtype)
+
+
 def cell_encoder_crops(images, boxes, crop_size, pixels='intensity'):
   """What the cell encoder reads [B, N, S, S, 3] of the cells at normalized cxcywh boxes [B, N, 4] of images
   [B, H, W, 3] (normalized as the backbone's input): `crop_cells` of the images themselves ('intensity'), or of
@@ -217,7 +222,7 @@ def cell_encoder_crops(images, boxes, crop_size, pixels='intensity'):
   if pixels == 'intensity':
     return crop_cells(images, boxes, crop_size)
   if pixels == 'optical_density':
-    linear = images * jnp.asarray(resnet.IMAGENET_STD, images.dtype) + jnp.asarray(resnet.IMAGENET_MEAN, images.dtype)
+    linear = input_intensities(images)
     background = optical_density.background_at(linear, boxes[..., :2])
     return optical_density.encoder_input(crop_cells(linear, boxes, crop_size), background)
   raise ValueError(f'unknown cell crop pixels {pixels!r}; expected one of {CELL_CROP_PIXELS}')
