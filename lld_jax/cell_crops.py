@@ -9,7 +9,8 @@ by up to an eighth of its side (a box that is a little off), flipped, and with e
 0.85-1.15 (stains vary), then made what the cell encoder reads (`detector.cell_encoder_crops`: the normalized
 pixels, or their optical density against the field's background, which the pool keeps for each cell; its colour is
 scaled with the crop's, as another lamp's would be, so the density does not move). The draws depend on the seed,
-the process and the step only, so a resumed run sees the same crops.
+the process and the step only, so a resumed run sees the same crops. Each drawn cell comes with its class, its
+attributes and its box's size in its image's own pixels (for `detector.CellAttributeClassifier`).
 """
 
 import dataclasses
@@ -33,6 +34,8 @@ class CellCropPool:
   num_truncated: int  # cells of the split left out because their field held more than max_objects
   pixels: str = 'intensity'  # model.cell_crop_pixels
   background: np.ndarray | None = None  # [N, 3] float32: the field's background at each cell (optical_density)
+  attributes: np.ndarray | None = None  # [N, A] int32 attribute values (-1: not applicable)
+  box_pixels: np.ndarray | None = None  # [N, 2] float32 each cell's width and height in its image's own pixels
 
   @property
   def shift(self):
@@ -63,7 +66,7 @@ def build_pool(builder, split, config) -> CellCropPool:
     crops = detector.crop_cells(linear, boxes, side, context_margin(crop_size, shift))
     return crops, (optical_density.background_at(linear, boxes[..., :2]) if optical else None)
 
-  crops, backgrounds, labels, truncated = [], [], [], 0
+  crops, backgrounds, labels, attributes, box_pixels, truncated = [], [], [], [], [], 0
   for batch in input_pipeline.eval_dataset(builder, split, config, 1).as_numpy_iterator():
     cut = {k: v[0] for k, v in batch.items()}  # one device
     pixels, background = jax.device_get(crop_with_background(cut['image'], cut['boxes']))
@@ -72,9 +75,13 @@ def build_pool(builder, split, config) -> CellCropPool:
     if optical:
       backgrounds.append(background[keep].astype(np.float32))
     labels.append(cut['labels'][keep].astype(np.int32))
+    attributes.append(cut['attributes'][keep].astype(np.int32))
+    canvas = cut['image'].shape[2]
+    box_pixels.append((cut['boxes'][..., 2:] * canvas / cut['scale'][:, None, None])[keep].astype(np.float32))
     truncated += int(cut['num_truncated'][cut['example_valid']].sum())
   pool = CellCropPool(np.concatenate(crops), np.concatenate(labels), crop_size, truncated,
-                      config.model.cell_crop_pixels, np.concatenate(backgrounds) if optical else None)
+                      config.model.cell_crop_pixels, np.concatenate(backgrounds) if optical else None,
+                      np.concatenate(attributes), np.concatenate(box_pixels))
   if not len(pool.labels):
     raise ValueError(f'cell_crop_batch_size={config.cell_crop_batch_size}: the {split} split has no annotated cell')
   logging.info('cell crop pool: %d cells of %s (%d left out: fields with more than max_objects=%d cells)',
@@ -83,8 +90,9 @@ def build_pool(builder, split, config) -> CellCropPool:
 
 
 def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True, stream=0):
-  """{'cell_crops': [D, n, S, S, 3] normalized as the model's input, 'cell_crop_labels': [D, n]} for `step`;
-  another `stream` draws other crops for the same step (the training steps draw stream 0)."""
+  """{'cell_crops': [D, n, S, S, 3] normalized as the model's input, 'cell_crop_labels': [D, n]} for `step`, and
+  when the pool has them 'cell_crop_attributes' [D, n, A] and 'cell_crop_box_pixels' [D, n, 2]; another `stream`
+  draws other crops for the same step (the training steps draw stream 0)."""
   rng = np.random.default_rng([seed, jax.process_index(), step] + ([stream] if stream else []))
   count = num_devices * per_device
   index = rng.integers(0, len(pool.labels), count)
@@ -107,8 +115,12 @@ def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True
     crops = optical_density.encoder_input(crops, background)
   else:
     crops = (np.clip(crops, 0, 1) - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
-  return {'cell_crops': crops.astype(np.float32).reshape((num_devices, per_device, size, size, 3)),
-          'cell_crop_labels': pool.labels[index].reshape(num_devices, per_device)}
+  drawn = {'cell_crops': crops.astype(np.float32).reshape((num_devices, per_device, size, size, 3)),
+           'cell_crop_labels': pool.labels[index].reshape(num_devices, per_device)}
+  if pool.attributes is not None:
+    drawn['cell_crop_attributes'] = pool.attributes[index].reshape(num_devices, per_device, -1)
+    drawn['cell_crop_box_pixels'] = pool.box_pixels[index].reshape(num_devices, per_device, 2)
+  return drawn
 
 
 def with_crops(batches, pool, start_step, seed, num_devices, per_device, augment=True):

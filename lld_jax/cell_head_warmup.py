@@ -5,7 +5,8 @@ pixels) names the cells the detector finds. In a short run it is what limits mAP
 cell, the classifier names too few of them right (docs/results.md, sessions 20-21). On its own, on crops of the
 true cells (`lld_jax.cell_crops`), a step takes a tenth of the detector's (about 65 ms against 700 on the
 demo's 2-core CPU): so it first learns alone for `cell_crop_warmup_steps` steps, then the detector trains with a
-classifier (and crop encoder, whose tokens the attribute queries read) that already tells the cells apart.
+classifier (and crop encoder, whose tokens the attribute queries read) that already tells the cells apart. With
+`model.cell_attribute_classifier` the cell attribute classifier learns the cells' attributes alongside.
 
 The warm-up is part of a fresh run only: its draws depend on the seed, so a run resumed from a checkpoint (which
 holds the warmed weights) never repeats it, and a run stopped before its first checkpoint repeats it exactly.
@@ -24,6 +25,7 @@ from lld_jax import criterion
 from lld_jax import sharding
 from lld_jax import train_step
 from lld_jax.models import detector
+from tfds_lld import lld_format
 
 AXIS = train_step.AXIS
 HEADS = ('cell_encoder', 'cell_classifier')
@@ -41,11 +43,19 @@ def _optimizer(config, steps):
                      optax.adamw(schedule, weight_decay=o.weight_decay, mask=decayed))
 
 
-def _step(heads, opt_state, crops, labels, encoder, classifier, tx):
+def _step(heads, opt_state, drawn, encoder, classifier, attribute_classifier, attribute_weight, tx):
   def loss_fn(heads):
-    tokens = encoder.apply({'params': heads['cell_encoder']}, crops[None])
+    tokens = encoder.apply({'params': heads['cell_encoder']}, drawn['cell_crops'][None])
     logits = classifier.apply({'params': heads['cell_classifier']}, tokens)
-    return criterion.crop_cross_entropy(logits, labels[None], AXIS)
+    loss = criterion.crop_cross_entropy(logits, drawn['cell_crop_labels'][None], AXIS)
+    if attribute_classifier is not None:
+      box_pixels = drawn.get('cell_crop_box_pixels')
+      attribute_logits = attribute_classifier.apply(
+          {'params': heads['cell_attribute_classifier']}, tokens,
+          None if box_pixels is None else detector.size_features_of(box_pixels[None]))
+      loss = loss + attribute_weight * criterion.crop_attribute_cross_entropy(
+          attribute_logits, drawn['cell_crop_attributes'][None], AXIS)
+    return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(heads)
   grads = jax.lax.pmean(grads, AXIS)
@@ -60,24 +70,32 @@ def check_config(config):
 
 
 def warm_up(params, pool: cell_crops.CellCropPool, config, num_classes):
-  """`params` with the cell encoder and classifier trained for `config.cell_crop_warmup_steps` steps of
+  """`params` with the cell encoder and classifier (and the cell attribute classifier) trained for `config.cell_crop_warmup_steps` steps of
   `config.cell_crop_batch_size` crops per device; returns (params, [mean loss of each tenth of the steps])."""
   check_config(config)
   steps, per_device = config.cell_crop_warmup_steps, config.cell_crop_batch_size
   dtype = jnp.dtype(config.model.dtype)
   encoder = detector.CellCropEncoder(config.model.hidden_dim, dtype=dtype)
   classifier = detector.CellClassifier(num_classes, dtype)
+  attribute_classifier, names = None, HEADS
+  if config.model.cell_attribute_classifier:
+    attribute_classifier = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES, dtype)
+    names = HEADS + ('cell_attribute_classifier',)
   tx = _optimizer(config, steps)
-  heads = {name: params[name] for name in HEADS}
-  p_step = jax.pmap(functools.partial(_step, encoder=encoder, classifier=classifier, tx=tx), axis_name=AXIS,
-                    donate_argnums=(0, 1))
+  heads = {name: params[name] for name in names}
+  p_step = jax.pmap(functools.partial(_step, encoder=encoder, classifier=classifier,
+                                      attribute_classifier=attribute_classifier,
+                                      attribute_weight=config.loss.attribute_weight, tx=tx),
+                    axis_name=AXIS, donate_argnums=(0, 1))
   replicated = sharding.replicate((heads, tx.init(heads)))
   num_devices = jax.local_device_count()
   losses = []
   for step in range(steps):
     drawn = cell_crops.sample(pool, step, config.seed, num_devices, per_device, config.augment.enabled,
                               stream=_STREAM)
-    *replicated, loss = p_step(*replicated, drawn['cell_crops'], drawn['cell_crop_labels'])
+    if not config.model.cell_attribute_classifier or not config.model.attribute_box_size:
+      drawn.pop('cell_crop_box_pixels', None)
+    *replicated, loss = p_step(*replicated, drawn)
     losses.append(loss[0])
   losses = np.asarray(jax.device_get(losses))
   tenths = [float(part.mean()) for part in np.array_split(losses, min(10, steps))]

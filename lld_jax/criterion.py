@@ -124,7 +124,13 @@ def _cell_cross_entropy(logits, dn_logits, values, final_assignment, outputs, ta
 def crop_cross_entropy(logits, labels, axis_name=None):
   """Mean cross-entropy of the cell classifier on true-cell crops (lld_jax.cell_crops): logits [B, N, K], labels
   [B, N], the mean over every device's crops."""
-  total, count = losses.attribute_loss(logits[:, :, None, :], labels[:, :, None], jnp.ones(labels.shape, jnp.float32))
+  return crop_attribute_cross_entropy(logits[:, :, None, :], labels[:, :, None], axis_name)
+
+
+def crop_attribute_cross_entropy(logits, values, axis_name=None):
+  """Mean cross-entropy of per-crop categorical labels: logits [B, N, A, V], values [B, N, A] (-1: not
+  applicable, left out), the mean over every device's known values."""
+  total, count = losses.attribute_loss(logits, values, jnp.ones(values.shape[:2], jnp.float32))
   return total / _global_count(count, axis_name)
 
 
@@ -198,6 +204,9 @@ def detection_loss(outputs, targets, loss_config, axis_name=None):
         targets['labels'][:, :, None], final_assignment, outputs, targets, axis_name)
   if 'crop_class_logits' in outputs and loss_config.cell_class_weight:
     terms['cell_class/crops'] = crop_cross_entropy(outputs['crop_class_logits'], targets['crop_labels'], axis_name)
+  if 'crop_attribute_logits' in outputs:
+    terms['attributes/crops'] = crop_attribute_cross_entropy(outputs['crop_attribute_logits'],
+                                                             targets['crop_attributes'], axis_name)
 
   term_weights.update(attributes=loss_config.attribute_weight, cell_class=loss_config.cell_class_weight)
   total = 0.0

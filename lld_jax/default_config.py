@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.cell_class_flips = False
   # The attribute queries also read each cell's box size in the original image's pixels (scale jitter undone).
   c.model.attribute_box_size = False
+  # A linear classifier on the cell crops' tokens also gives the attributes (added to the attribute head's), and
+  # learns them from the true-cell crops (cell_crop_batch_size) and in the warm-up, as the cell classifier does.
+  c.model.cell_attribute_classifier = False
   c.model.dtype = 'float32'  # 'bfloat16' on accelerators
 
   c.loss = ml_collections.ConfigDict()

@@ -66,6 +66,7 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       # A run saved before these options existed (its config.json lacks the keys) is evaluated as trained.
       cell_class_flips=m.get('cell_class_flips', False), attribute_box_size=m.get('attribute_box_size', False),
       cell_crop_pixels=m.get('cell_crop_pixels', 'intensity'),
+      cell_attribute_classifier=m.get('cell_attribute_classifier', False),
       dtype=jnp.dtype(m.dtype))
 
 
@@ -88,7 +89,7 @@ def gradient_clipping(config):
 # The per-cell heads: the CNN over each cell's pixels, the cell classifier on it, and the attribute head that
 # reads it (attributes, class refinement). Trained from scratch on a few crops per image, they want a higher rate
 # than the set-prediction decoder tolerates (docs/results.md, session 7).
-CELL_HEAD_MODULES = ('cell_encoder', 'cell_classifier', 'attribute_head')
+CELL_HEAD_MODULES = ('cell_encoder', 'cell_classifier', 'cell_attribute_classifier', 'attribute_head')
 
 
 def _rate_group(top_module):
@@ -199,14 +200,18 @@ def train_step(state: TrainState, batch, *, model, tx, config):
         max_pseudo=pseudo.max_per_image, with_attributes=pseudo.attributes, duplicate_iou=pseudo.duplicate_iou,
         on_images_without_region=pseudo.on_images_without_region)
 
-  cell_crops = None
+  cell_crops = crop_box_pixels = None
   if 'cell_crops' in batch:  # [N, S, S, 3] true cells from across the training split, for the cell classifier
     cell_crops = batch['cell_crops'][None]
     targets['crop_labels'] = batch['cell_crop_labels'][None]
+    if config.model.get('cell_attribute_classifier', False):  # ... and the cell attribute classifier
+      targets['crop_attributes'] = batch['cell_crop_attributes'][None]
+      crop_box_pixels = batch['cell_crop_box_pixels'][None]
 
   def loss_fn(params):
     outputs = model.apply({'params': params, **state.model_state}, batch['image'], batch['image_mask'], targets,
-                          train=True, rngs={'denoise': step_rng}, cell_crops=cell_crops, pixel_scale=batch['scale'])
+                          train=True, rngs={'denoise': step_rng}, cell_crops=cell_crops, pixel_scale=batch['scale'],
+                          cell_crop_box_pixels=crop_box_pixels)
     loss, terms = criterion.detection_loss(outputs, targets, config.loss, axis_name=AXIS)
     return loss, terms
 
@@ -273,7 +278,10 @@ def random_batch(config, num_devices, num_classes, seed=0):
   if config.cell_crop_batch_size:  # lld_jax.cell_crops
     crop_lead, crop = (num_devices, config.cell_crop_batch_size), config.model.cell_crop_size
     crops = {'cell_crops': rng.standard_normal(crop_lead + (crop, crop, 3), dtype=np.float32),
-             'cell_crop_labels': rng.integers(0, num_classes, crop_lead).astype(np.int32)}
+             'cell_crop_labels': rng.integers(0, num_classes, crop_lead).astype(np.int32),
+             'cell_crop_attributes': np.stack([rng.integers(0, v, crop_lead) for v in lld_format.NUM_ATTRIBUTE_VALUES],
+                                              -1).astype(np.int32),
+             'cell_crop_box_pixels': rng.uniform(20, 80, crop_lead + (2,)).astype(np.float32)}
   return {
       'image': rng.standard_normal(lead + (size, size, 3), dtype=np.float32),
       'image_mask': np.ones(lead + (size, size), np.float32),

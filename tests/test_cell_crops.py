@@ -41,6 +41,18 @@ def test_each_crop_keeps_its_label(augment):
   assert len(set(source[:, 0])) > 1
 
 
+def test_attributes_and_sizes_travel_with_their_cells():
+  attributes = np.stack([LABELS % 3, LABELS % 2, -np.ones_like(LABELS)], -1).astype(np.int32)
+  box_pixels = np.stack([10.0 * LABELS + 5, 20.0 * LABELS + 7], -1).astype(np.float32)
+  pool = dataclasses.replace(_pool(), attributes=attributes, box_pixels=box_pixels)
+  drawn = cell_crops.sample(pool, step=2, seed=0, num_devices=2, per_device=16)
+  labels = drawn['cell_crop_labels']
+  assert drawn['cell_crop_attributes'].shape == (2, 16, 3) and drawn['cell_crop_box_pixels'].shape == (2, 16, 2)
+  np.testing.assert_array_equal(drawn['cell_crop_attributes'], np.stack([labels % 3, labels % 2, -np.ones_like(labels)], -1))
+  np.testing.assert_array_equal(drawn['cell_crop_box_pixels'], np.stack([10.0 * labels + 5, 20.0 * labels + 7], -1))
+  assert 'cell_crop_attributes' not in cell_crops.sample(_pool(), step=2, seed=0, num_devices=1, per_device=4)
+
+
 def test_draws_depend_on_seed_step_and_stream_only():
   pool = _pool()
   rng = np.random.default_rng(0)

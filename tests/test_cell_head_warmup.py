@@ -1,6 +1,8 @@
 """The cell classifier's warm-up on true-cell crops: it learns the pool's classes on two devices, touches nothing
 but the cell heads, and repeats exactly."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -10,6 +12,7 @@ from configs import synthetic_demo
 from lld_jax import cell_crops
 from lld_jax import cell_head_warmup
 from lld_jax.models import detector
+from tfds_lld import lld_format
 
 CROP, SHIFT, PER_CLASS = 8, 1, 12
 GREYS = (40, 130, 220)  # one grey level per class, apart by more than the channel jitter and the noise can bridge
@@ -21,6 +24,16 @@ def _pool():
   labels = np.repeat(np.arange(len(GREYS)), PER_CLASS).astype(np.int32)
   crops = np.asarray(GREYS)[labels, None, None, None] + rng.normal(0, 8, (len(labels), side, side, 3))
   return cell_crops.CellCropPool(np.clip(crops, 0, 255).astype(np.uint8), labels, CROP, num_truncated=0)
+
+
+def _attributed_pool():
+  """The pool, with one attribute the grey level tells (dark or not) and one it cannot (the cell's size)."""
+  pool = _pool()
+  dark = (pool.labels == 0).astype(np.int32)
+  size = np.arange(len(pool.labels)) % 3
+  attributes = np.stack([size, dark] + [np.full_like(dark, -1)] * 5, -1).astype(np.int32)
+  box_pixels = np.stack([np.asarray([20.0, 64.0, 200.0])[size]] * 2, -1).astype(np.float32)
+  return dataclasses.replace(pool, attributes=attributes, box_pixels=box_pixels)
 
 
 def _config(**overrides):
@@ -64,6 +77,29 @@ def test_warm_up_learns_the_cells_and_only_touches_the_cell_heads():
   other_seed, _ = cell_head_warmup.warm_up(params, pool, _config(seed=1), num_classes=len(GREYS))
   assert not np.array_equal(other_seed['cell_classifier']['dense']['kernel'],
                             warmed['cell_classifier']['dense']['kernel'])
+
+
+def test_warm_up_learns_the_attributes_with_the_cell_attribute_classifier():
+  """The size comes from each cell's box in pixels (the crops all look alike in size), the darkness from its
+  pixels; the cell attribute classifier learns both, with the classes."""
+  config, pool = _config(cell_crop_warmup_steps=150), _attributed_pool()
+  config.model.cell_attribute_classifier = True
+  config.model.attribute_box_size = True
+  config.optimizer.learning_rate = 5e-3  # a size from the box is one weight away; let it move in 150 steps
+  params = _params(config)
+  tokens = np.zeros((1, 1, 1, config.model.hidden_dim), np.float32)
+  params['cell_attribute_classifier'] = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES).init(
+      jax.random.PRNGKey(2), tokens, np.zeros((1, 1, 2), np.float32))['params']
+  warmed, tenths = cell_head_warmup.warm_up(params, pool, config, num_classes=len(GREYS))
+  assert tenths[-1] < 0.1 * tenths[0]
+  drawn = cell_crops.sample(pool, 0, seed=5, num_devices=1, per_device=64, augment=False)
+  tokens = detector.CellCropEncoder(config.model.hidden_dim).apply({'params': warmed['cell_encoder']},
+                                                                   drawn['cell_crops'])
+  logits = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES).apply(
+      {'params': warmed['cell_attribute_classifier']}, tokens, detector.size_features_of(drawn['cell_crop_box_pixels']))
+  predicted = np.asarray(logits).argmax(-1)
+  np.testing.assert_array_equal(predicted[..., :2], drawn['cell_crop_attributes'][..., :2])
+  assert (predicted < np.asarray(lld_format.NUM_ATTRIBUTE_VALUES)).all()  # only each attribute's own values
 
 
 def test_warm_up_needs_the_crop_stream():

@@ -324,3 +324,36 @@ def test_attribute_box_size_reads_the_pixel_scale():
   assert not np.allclose(near['attribute_logits'], far['attribute_logits'], atol=1e-4)
   with np.testing.assert_raises_regex(ValueError, 'pass pixel_scale'):
     jax.eval_shape(functools.partial(model.apply, train=False), variables, images, image_mask)
+
+
+def test_cell_attribute_classifier_adds_to_the_attribute_head_and_reads_the_crops_sizes():
+  images, image_mask, targets = _inputs()
+  model = CELL_MODEL.clone(attribute_box_size=True, cell_attribute_classifier=True)
+  crops = np.random.default_rng(1).normal(size=(1, 3, 8, 8, 3)).astype(np.float32)
+  box_pixels = np.full((1, 3, 2), 40.0, np.float32)
+  scale = np.array([1.0], np.float32)
+  extra = dict(cell_crops=crops, pixel_scale=scale, cell_crop_box_pixels=box_pixels)
+  rngs = {'params': jax.random.PRNGKey(0), 'denoise': jax.random.PRNGKey(1)}
+  variables = jax.jit(functools.partial(model.init, train=True), compiler_options=FAST_COMPILE)(
+      rngs, images, image_mask, targets, **extra)
+  train = jax.jit(functools.partial(model.apply, train=True, rngs={'denoise': jax.random.PRNGKey(2)}),
+                  compiler_options=FAST_COMPILE)
+  out = train(variables, images, image_mask, targets, **extra)
+  num_values = np.asarray(MODEL.attribute_values)
+  logits = np.asarray(out['crop_attribute_logits'])
+  assert logits.shape == (1, 3, len(num_values), num_values.max())
+  allowed = np.arange(num_values.max())[None] < num_values[:, None]
+  assert (logits[..., ~allowed] <= -1e8).all() and (np.abs(logits[..., allowed]) < 1e3).all()
+  larger = train(variables, images, image_mask, targets, **{**extra, 'cell_crop_box_pixels': box_pixels * 3})
+  assert not np.allclose(larger['crop_attribute_logits'], logits, atol=1e-4)
+  np.testing.assert_array_equal(larger['crop_class_logits'], out['crop_class_logits'])
+  # With the classifier's weights at zero, the detections' attribute logits are the attribute head's alone.
+  silent = jax.tree_util.tree_map(np.zeros_like, variables['params']['cell_attribute_classifier'])
+  silent['norm']['scale'] = np.ones_like(silent['norm']['scale'])
+  without = {'params': {k: v for k, v in variables['params'].items() if k != 'cell_attribute_classifier'}}
+  evaluate = lambda m, v: jax.jit(functools.partial(m.apply, train=False), compiler_options=FAST_COMPILE)(
+      v, images, image_mask, pixel_scale=scale)['attribute_logits']
+  head_only = np.asarray(evaluate(CELL_MODEL.clone(attribute_box_size=True), without))
+  summed = np.asarray(evaluate(model, {'params': {**variables['params'], 'cell_attribute_classifier': silent}}))
+  np.testing.assert_allclose(summed[..., allowed], head_only[..., allowed], atol=1e-5)
+  assert not np.allclose(np.asarray(evaluate(model, variables))[..., allowed], head_only[..., allowed], atol=1e-4)

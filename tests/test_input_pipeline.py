@@ -116,7 +116,9 @@ def test_random_batch_of_the_benchmarks_has_the_pipelines_format(builder):
   config.model = ml_collections.ConfigDict({'cell_crop_size': 8})
   real = next(input_pipeline.train_dataset(builder, 'train', config, 2, 0).as_numpy_iterator())
   # The trainer adds the true-cell crops (lld_jax.cell_crops) to each batch.
-  pool = cell_crops.CellCropPool(np.zeros((5, 10, 10, 3), np.uint8), np.arange(5, dtype=np.int32), 8, 0)
+  pool = cell_crops.CellCropPool(np.zeros((5, 10, 10, 3), np.uint8), np.arange(5, dtype=np.int32), 8, 0,
+                                 attributes=np.zeros((5, lld_format.NUM_ATTRIBUTES), np.int32),
+                                 box_pixels=np.ones((5, 2), np.float32))
   real.update(cell_crops.sample(pool, 0, 0, 2, config.cell_crop_batch_size))
   random = train_step.random_batch(config, 2, lld_format.NUM_CLASSES)
   read = {'image', 'scale', 'boxes', 'labels', 'annotation_mask', 'cell_crops'}

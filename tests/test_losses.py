@@ -611,3 +611,13 @@ def test_crop_cross_entropy_is_the_mean_over_every_devices_crops():
   np.testing.assert_allclose(float(np.mean(per_device)), expected, rtol=1e-5)
   np.testing.assert_allclose(float(criterion.crop_cross_entropy(logits[0], labels[0])),
                              np.mean([-_log_softmax(logits[0, 0, n])[labels[0, 0, n]] for n in range(5)]), rtol=1e-5)
+
+
+def test_crop_attribute_cross_entropy_is_the_mean_over_known_values():
+  rng = np.random.default_rng(4)
+  logits = rng.normal(0, 2, (1, 6, 3, 4)).astype(np.float32)  # [1, crops, attributes, values]
+  values = rng.integers(0, 4, (1, 6, 3)).astype(np.int32)
+  values[0, ::2, 1] = -1  # not applicable: left out of the sum and the count
+  known = [(n, a) for n in range(6) for a in range(3) if values[0, n, a] >= 0]
+  expected = np.mean([-_log_softmax(logits[0, n, a])[values[0, n, a]] for n, a in known])
+  np.testing.assert_allclose(float(criterion.crop_attribute_cross_entropy(logits, values)), expected, rtol=1e-5)

@@ -263,12 +263,41 @@ class CellClassifier(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='dense')(pooled).astype(jnp.float32)
 
 
+def size_features_of(box_pixels):
+  """log(width / 64 px), log(height / 64 px) [..., 2] of boxes [..., 2] measured in their image's own pixels."""
+  return jnp.log(jnp.maximum(box_pixels, 1.0) / 64.0)
+
+
 def cell_size_features(boxes, canvas_size, pixel_scale):
-  """log(width / 64 px), log(height / 64 px) [B, N, 2] of each normalized cxcywh box [B, N, 4] in the original
-  image's pixels: `pixel_scale` [B] is canvas pixels per original pixel, scale jitter included, so the size does
-  not move with the jitter (which changes how big a cell looks, not its size attribute)."""
-  pixels = boxes[..., 2:] * canvas_size / pixel_scale[:, None, None]
-  return jnp.log(jnp.maximum(pixels, 1.0) / 64.0)
+  """`size_features_of` [B, N, 2] of each normalized cxcywh box [B, N, 4] in the original image's pixels:
+  `pixel_scale` [B] is canvas pixels per original pixel, scale jitter included, so the size does not move with
+  the jitter (which changes how big a cell looks, not its size attribute)."""
+  return size_features_of(boxes[..., 2:] * canvas_size / pixel_scale[:, None, None])
+
+
+def allowed_values_only(logits, num_values):
+  """Attribute logits [..., A, V] with the values past each attribute's own count (num_values [A]) masked out."""
+  allowed = jnp.arange(logits.shape[-1])[None, :] < jnp.asarray(num_values)[:, None]  # [A, V]
+  return jnp.where(allowed, logits, _NEG_INF)
+
+
+class CellAttributeClassifier(nn.Module):
+  """Each cell's attributes from its crop tokens alone [B, N, T, C] (and its box's `size_features_of` [B, N, 2],
+  when given) -> logits [B, N, A, V]: a linear classifier on the pooled tokens. It learns from the true-cell
+  crops of the whole training split (lld_jax.cell_crops) as the cell classifier does, and the attribute head adds
+  its logits to its own, so that the crops' CNN learns the attributes from every cell of the split and not only
+  from the few of each step's fields."""
+  num_values: Sequence[int]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, cell_tokens, box_size_features=None):
+    pooled = nn.LayerNorm(dtype=self.dtype, name='norm')(cell_tokens.mean(2))
+    if box_size_features is not None:  # the crops are resized to a fixed grid: the cell's own size is lost
+      pooled = pooled + nn.Dense(pooled.shape[-1], dtype=self.dtype, name='box_size')(box_size_features)
+    num_attributes, max_values = len(self.num_values), max(self.num_values)
+    logits = nn.Dense(num_attributes * max_values, dtype=self.dtype, name='dense')(pooled).astype(jnp.float32)
+    return allowed_values_only(logits.reshape(logits.shape[:-1] + (num_attributes, max_values)), self.num_values)
 
 
 def flip_averaged_log_probs(cell_classifier, cell_encoder, crops, logits):
@@ -336,8 +365,7 @@ class AttributeHead(nn.Module):
                           for a in range(num_attributes)], axis=2).astype(jnp.float32)
     else:
       raise ValueError(f'unknown attribute head {self.mode!r}; expected query or mlp')
-    allowed = jnp.arange(max_values)[None, :] < jnp.asarray(self.num_values)[:, None]  # [A, V]
-    return jnp.where(allowed, logits, _NEG_INF), class_logits
+    return allowed_values_only(logits, self.num_values), class_logits
 
 
 def token_anchors(shapes, masks, base_size=0.05):
@@ -424,14 +452,18 @@ class Detector(nn.Module):
   dn_cells_at_true_boxes: bool = False
   cell_class_flips: bool = False
   attribute_box_size: bool = False
+  cell_attribute_classifier: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, image_mask, targets=None, train: bool = False, cell_crops=None, pixel_scale=None):
+  def __call__(self, images, image_mask, targets=None, train: bool = False, cell_crops=None, pixel_scale=None,
+               cell_crop_box_pixels=None):
     """images [B, H, W, 3] normalized; image_mask [B, H, W] (1 = image, 0 = padding). `targets` (dict with
     labels [B, T], boxes [B, T, 4], weight [B, T]) switches on the denoising queries when training.
     `cell_crops` [B', N, S, S, 3] (`crop_cells` of true cells, see lld_jax.cell_crops) go through the cell
-    classifier alone: `crop_class_logits` [B', N, K]. `pixel_scale` [B], canvas pixels per original pixel (the
+    classifier alone: `crop_class_logits` [B', N, K] (and, with `cell_attribute_classifier`, through the cell
+    attribute classifier: `crop_attribute_logits` [B', N, A, V], reading `cell_crop_box_pixels` [B', N, 2], each
+    cell's size in its image's own pixels, when `attribute_box_size`). `pixel_scale` [B], canvas pixels per original pixel (the
     batch's `scale`), gives `attribute_box_size` each cell's size in the original image's pixels."""
     backbone = resnet.ResNet(depth=self.backbone_depth, norm=self.backbone_norm, width=self.backbone_width,
                              dtype=self.dtype, name='backbone')
@@ -549,6 +581,17 @@ class Detector(nn.Module):
         self.attribute_values, self.hidden_dim, roi_size=self.roi_size, mode=self.attribute_head,
         num_classes=self.num_classes if self.cell_class_refinement else 0, dtype=self.dtype, name='attribute_head')(
             attribute_queries, attribute_boxes, levels[0], masks[0], cell_tokens, size_features)
+    if self.cell_attribute_classifier:
+      if not self.cell_crop_size:
+        raise ValueError('model.cell_attribute_classifier reads the cell crops: set model.cell_crop_size > 0')
+      cell_attribute_classifier = CellAttributeClassifier(self.attribute_values, self.dtype,
+                                                          name='cell_attribute_classifier')
+      attribute_logits = attribute_logits + cell_attribute_classifier(cell_tokens, size_features)
+      if cell_crops is not None:
+        if self.attribute_box_size and cell_crop_box_pixels is None:
+          raise ValueError('model.attribute_box_size: pass the crops\' cell_crop_box_pixels')
+        crop_size_features = size_features_of(cell_crop_box_pixels) if self.attribute_box_size else None
+        outputs['crop_attribute_logits'] = cell_attribute_classifier(cell_encoder(cell_crops), crop_size_features)
     if class_refinement is not None:  # the last layer's classes, for the queries the head has read
       last = all_logits[-1]
       all_logits[-1] = jnp.concatenate([
