@@ -570,7 +570,8 @@ class Detector(nn.Module):
         if self.cell_class_flips and not train:
           cell_class_logits = flip_averaged_log_probs(cell_classifier, cell_encoder, crops, cell_class_logits)
         if cell_crops is not None:
-          outputs['crop_class_logits'] = cell_classifier(cell_encoder(cell_crops))
+          crop_tokens = cell_encoder(cell_crops)
+          outputs['crop_class_logits'] = cell_classifier(crop_tokens)
     size_features = None
     if self.attribute_box_size:
       if pixel_scale is None:
@@ -591,7 +592,7 @@ class Detector(nn.Module):
         if self.attribute_box_size and cell_crop_box_pixels is None:
           raise ValueError('model.attribute_box_size: pass the crops\' cell_crop_box_pixels')
         crop_size_features = size_features_of(cell_crop_box_pixels) if self.attribute_box_size else None
-        outputs['crop_attribute_logits'] = cell_attribute_classifier(cell_encoder(cell_crops), crop_size_features)
+        outputs['crop_attribute_logits'] = cell_attribute_classifier(crop_tokens, crop_size_features)
     if class_refinement is not None:  # the last layer's classes, for the queries the head has read
       last = all_logits[-1]
       all_logits[-1] = jnp.concatenate([
