@@ -43,16 +43,14 @@ def _optimizer(config, steps):
                      optax.adamw(schedule, weight_decay=o.weight_decay, mask=decayed))
 
 
-def _step(heads, opt_state, drawn, encoder, classifier, attribute_classifier, attribute_weight, tx):
+def _step(heads, opt_state, drawn, encoder, classifier, attribute_classifier, attribute_weight, read_box_size, tx):
   def loss_fn(heads):
     tokens = encoder.apply({'params': heads['cell_encoder']}, drawn['cell_crops'][None])
     logits = classifier.apply({'params': heads['cell_classifier']}, tokens)
     loss = criterion.crop_cross_entropy(logits, drawn['cell_crop_labels'][None], AXIS)
     if attribute_classifier is not None:
-      box_pixels = drawn.get('cell_crop_box_pixels')
-      attribute_logits = attribute_classifier.apply(
-          {'params': heads['cell_attribute_classifier']}, tokens,
-          None if box_pixels is None else detector.size_features_of(box_pixels[None]))
+      box_size = detector.size_features_of(drawn['cell_crop_box_pixels'][None]) if read_box_size else None
+      attribute_logits = attribute_classifier.apply({'params': heads['cell_attribute_classifier']}, tokens, box_size)
       loss = loss + attribute_weight * criterion.crop_attribute_cross_entropy(
           attribute_logits, drawn['cell_crop_attributes'][None], AXIS)
     return loss
@@ -70,8 +68,9 @@ def check_config(config):
 
 
 def warm_up(params, pool: cell_crops.CellCropPool, config, num_classes):
-  """`params` with the cell encoder and classifier (and the cell attribute classifier) trained for `config.cell_crop_warmup_steps` steps of
-  `config.cell_crop_batch_size` crops per device; returns (params, [mean loss of each tenth of the steps])."""
+  """`params` with the cell encoder and classifier (and the cell attribute classifier) trained for
+  `config.cell_crop_warmup_steps` steps of `config.cell_crop_batch_size` crops per device; returns (params, [mean
+  loss of each tenth of the steps])."""
   check_config(config)
   steps, per_device = config.cell_crop_warmup_steps, config.cell_crop_batch_size
   dtype = jnp.dtype(config.model.dtype)
@@ -85,7 +84,8 @@ def warm_up(params, pool: cell_crops.CellCropPool, config, num_classes):
   heads = {name: params[name] for name in names}
   p_step = jax.pmap(functools.partial(_step, encoder=encoder, classifier=classifier,
                                       attribute_classifier=attribute_classifier,
-                                      attribute_weight=config.loss.attribute_weight, tx=tx),
+                                      attribute_weight=config.loss.attribute_weight,
+                                      read_box_size=config.model.attribute_box_size, tx=tx),
                     axis_name=AXIS, donate_argnums=(0, 1))
   replicated = sharding.replicate((heads, tx.init(heads)))
   num_devices = jax.local_device_count()
@@ -93,8 +93,6 @@ def warm_up(params, pool: cell_crops.CellCropPool, config, num_classes):
   for step in range(steps):
     drawn = cell_crops.sample(pool, step, config.seed, num_devices, per_device, config.augment.enabled,
                               stream=_STREAM)
-    if not config.model.cell_attribute_classifier or not config.model.attribute_box_size:
-      drawn.pop('cell_crop_box_pixels', None)
     *replicated, loss = p_step(*replicated, drawn)
     losses.append(loss[0])
   losses = np.asarray(jax.device_get(losses))

@@ -48,7 +48,8 @@ def test_attributes_and_sizes_travel_with_their_cells():
   drawn = cell_crops.sample(pool, step=2, seed=0, num_devices=2, per_device=16)
   labels = drawn['cell_crop_labels']
   assert drawn['cell_crop_attributes'].shape == (2, 16, 3) and drawn['cell_crop_box_pixels'].shape == (2, 16, 2)
-  np.testing.assert_array_equal(drawn['cell_crop_attributes'], np.stack([labels % 3, labels % 2, -np.ones_like(labels)], -1))
+  np.testing.assert_array_equal(drawn['cell_crop_attributes'],
+                                np.stack([labels % 3, labels % 2, -np.ones_like(labels)], -1))
   np.testing.assert_array_equal(drawn['cell_crop_box_pixels'], np.stack([10.0 * labels + 5, 20.0 * labels + 7], -1))
   assert 'cell_crop_attributes' not in cell_crops.sample(_pool(), step=2, seed=0, num_devices=1, per_device=4)
 

@@ -463,8 +463,9 @@ class Detector(nn.Module):
     `cell_crops` [B', N, S, S, 3] (`crop_cells` of true cells, see lld_jax.cell_crops) go through the cell
     classifier alone: `crop_class_logits` [B', N, K] (and, with `cell_attribute_classifier`, through the cell
     attribute classifier: `crop_attribute_logits` [B', N, A, V], reading `cell_crop_box_pixels` [B', N, 2], each
-    cell's size in its image's own pixels, when `attribute_box_size`). `pixel_scale` [B], canvas pixels per original pixel (the
-    batch's `scale`), gives `attribute_box_size` each cell's size in the original image's pixels."""
+    cell's size in its image's own pixels, when `attribute_box_size`). `pixel_scale` [B], canvas pixels per
+    original pixel (the batch's `scale`), gives `attribute_box_size` each cell's size in the original image's
+    pixels."""
     backbone = resnet.ResNet(depth=self.backbone_depth, norm=self.backbone_norm, width=self.backbone_width,
                              dtype=self.dtype, name='backbone')
     # With input_stride > 1 the backbone reads a downsampled copy; the full resolution serves the cell crops.
