@@ -190,6 +190,9 @@ _OUT = flags.DEFINE_string('out', '', 'write the summary JSON here')
 def main(argv):
   del argv
   config = _CONFIG.value
+  unknown = set(_TRAINED_ATTRIBUTES.value) - set(lld_format.ATTRIBUTE_NAMES)
+  if unknown:
+    raise ValueError(f'--trained_attributes: unknown {sorted(unknown)}; expected some of {lld_format.ATTRIBUTE_NAMES}')
   source_size = _SOURCE.value or config.image_size
   d = config.dataset
   builder = input_pipeline.load_builder(d.name, d.config, d.data_dir or None, d.manual_dir or None)
@@ -197,9 +200,6 @@ def main(argv):
   crops, labels, attributes = cell_crops(builder, d.train_split, source_size, _CROP_SIZE.value, _PIXELS.value)
   print(f'{len(crops)} training cells; per class {np.bincount(labels, minlength=info.num_classes).tolist()}',
         flush=True)
-  unknown = set(_TRAINED_ATTRIBUTES.value) - set(lld_format.ATTRIBUTE_NAMES)
-  if unknown:
-    raise ValueError(f'--trained_attributes: unknown {sorted(unknown)}; expected some of {lld_format.ATTRIBUTE_NAMES}')
   predict = train_classifier(crops, labels, attributes, info.num_classes, _STEPS.value, _BATCH.value, _SEED.value,
                              _LEARNING_RATE.value, [int(w) for w in _WIDTHS.value], _STAIN_JITTER.value,
                              _CLASS_LOSS.value, tuple(_TRAINED_ATTRIBUTES.value))
