@@ -61,23 +61,23 @@ def build_pool(builder, split, config) -> CellCropPool:
   optical = config.model.cell_crop_pixels == 'optical_density'
 
   @jax.jit
-  def crop_with_background(images, boxes):
+  def crop_with_background(images, boxes, scale):
     linear = detector.input_intensities(images)
     crops = detector.crop_cells(linear, boxes, side, context_margin(crop_size, shift))
-    return crops, (optical_density.background_at(linear, boxes[..., :2]) if optical else None)
+    background = optical_density.background_at(linear, boxes[..., :2]) if optical else None
+    return crops, background, detector.original_box_pixels(boxes, images.shape[2], scale)
 
   crops, backgrounds, labels, attributes, box_pixels, truncated = [], [], [], [], [], 0
   for batch in input_pipeline.eval_dataset(builder, split, config, 1).as_numpy_iterator():
     cut = {k: v[0] for k, v in batch.items()}  # one device
-    pixels, background = jax.device_get(crop_with_background(cut['image'], cut['boxes']))
+    pixels, background, sizes = jax.device_get(crop_with_background(cut['image'], cut['boxes'], cut['scale']))
     keep = (cut['weight'] > 0) & cut['example_valid'][:, None]
     crops.append(np.clip(np.round(pixels[keep] * 255.0), 0, 255).astype(np.uint8))
     if optical:
       backgrounds.append(background[keep].astype(np.float32))
     labels.append(cut['labels'][keep].astype(np.int32))
     attributes.append(cut['attributes'][keep].astype(np.int32))
-    canvas = cut['image'].shape[2]
-    box_pixels.append((cut['boxes'][..., 2:] * canvas / cut['scale'][:, None, None])[keep].astype(np.float32))
+    box_pixels.append(sizes[keep].astype(np.float32))
     truncated += int(cut['num_truncated'][cut['example_valid']].sum())
   pool = CellCropPool(np.concatenate(crops), np.concatenate(labels), crop_size, truncated,
                       config.model.cell_crop_pixels, np.concatenate(backgrounds) if optical else None,

@@ -113,11 +113,10 @@ def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, 
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + crops.shape[1:]))
   tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=1e-4)
   opt_state = tx.init(params)
-  allowed = jnp.arange(max(values))[None, :] < jnp.asarray(values)[:, None]
 
   def loss_fn(p, x, c, a):
     class_logits, attribute_logits = model.apply(p, (x - mean) / std)
-    attribute_logits = jnp.where(allowed, attribute_logits, -1e9)
+    attribute_logits = detector.allowed_values_only(attribute_logits, values)
     scored = (a >= 0) & (a < jnp.asarray(values)) & trained
     per_attribute = optax.softmax_cross_entropy_with_integer_labels(attribute_logits, jnp.where(scored, a, 0))
     class_term = optax.softmax_cross_entropy_with_integer_labels(class_logits, c).mean() if class_loss else 0.0
@@ -144,7 +143,7 @@ def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, 
   @jax.jit
   def predict(x):
     class_logits, attribute_logits = model.apply(params, (x - mean) / std)
-    return jax.nn.softmax(class_logits), jnp.where(allowed, attribute_logits, -1e9)
+    return jax.nn.softmax(class_logits), detector.allowed_values_only(attribute_logits, values)
   return predict
 
 

@@ -268,11 +268,16 @@ def size_features_of(box_pixels):
   return jnp.log(jnp.maximum(box_pixels, 1.0) / 64.0)
 
 
+def original_box_pixels(boxes, canvas_size, pixel_scale):
+  """Width and height [B, N, 2] in the original image's pixels of normalized cxcywh boxes [B, N, 4] on a canvas of
+  `canvas_size` pixels; `pixel_scale` [B] is canvas pixels per original pixel, scale jitter included."""
+  return boxes[..., 2:] * canvas_size / pixel_scale[:, None, None]
+
+
 def cell_size_features(boxes, canvas_size, pixel_scale):
-  """`size_features_of` [B, N, 2] of each normalized cxcywh box [B, N, 4] in the original image's pixels:
-  `pixel_scale` [B] is canvas pixels per original pixel, scale jitter included, so the size does not move with
-  the jitter (which changes how big a cell looks, not its size attribute)."""
-  return size_features_of(boxes[..., 2:] * canvas_size / pixel_scale[:, None, None])
+  """`size_features_of` [B, N, 2] of each box's `original_box_pixels`, so the size does not move with the scale
+  jitter (which changes how big a cell looks, not its size attribute)."""
+  return size_features_of(original_box_pixels(boxes, canvas_size, pixel_scale))
 
 
 def allowed_values_only(logits, num_values):
