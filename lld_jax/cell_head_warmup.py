@@ -45,12 +45,14 @@ def _optimizer(config, steps):
 
 def _step(heads, opt_state, drawn, encoder, classifier, attribute_classifier, attribute_weight, read_box_size, tx):
   def loss_fn(heads):
-    tokens = encoder.apply({'params': heads['cell_encoder']}, drawn['cell_crops'][None])
+    encoded = encoder.apply({'params': heads['cell_encoder']}, drawn['cell_crops'][None])
+    tokens, attribute_features = encoded if encoder.branch_stage else (encoded, encoded)
     logits = classifier.apply({'params': heads['cell_classifier']}, tokens)
     loss = criterion.crop_cross_entropy(logits, drawn['cell_crop_labels'][None], AXIS)
     if attribute_classifier is not None:
       box_size = detector.size_features_of(drawn['cell_crop_box_pixels'][None]) if read_box_size else None
-      attribute_logits = attribute_classifier.apply({'params': heads['cell_attribute_classifier']}, tokens, box_size)
+      attribute_logits = attribute_classifier.apply({'params': heads['cell_attribute_classifier']}, attribute_features,
+                                                  box_size)
       loss = loss + attribute_weight * criterion.crop_attribute_cross_entropy(
           attribute_logits, drawn['cell_crop_attributes'][None], AXIS)
     return loss
@@ -74,11 +76,13 @@ def warm_up(params, pool: cell_crops.CellCropPool, config, num_classes):
   check_config(config)
   steps, per_device = config.cell_crop_warmup_steps, config.cell_crop_batch_size
   dtype = jnp.dtype(config.model.dtype)
-  encoder = detector.CellCropEncoder(config.model.hidden_dim, dtype=dtype)
+  model = train_step.create_model(config, num_classes)  # the heads as the detector builds them
+  encoder = detector.CellCropEncoder(model.hidden_dim, branch_stage=model.cell_encoder_branch_stage, dtype=dtype)
   classifier = detector.CellClassifier(num_classes, dtype)
   attribute_classifier, names = None, HEADS
-  if config.model.cell_attribute_classifier:
-    attribute_classifier = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES, dtype)
+  if model.cell_attribute_classifier:
+    attribute_classifier = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES,
+                                                            model.cell_attribute_branch_widths, dtype)
     names = HEADS + ('cell_attribute_classifier',)
   tx = _optimizer(config, steps)
   heads = {name: params[name] for name in names}

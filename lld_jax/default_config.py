@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   # learns them from the true-cell crops (cell_crop_batch_size) and in the warm-up, as the cell classifier does.
   # In the demo: strict attribute F1 +0.012, mAP50 -0.017 on the means of three seeds (docs/results.md, session 24).
   c.model.cell_attribute_classifier = False
+  # With widths, each attribute gets its own small CNN in that classifier (one 3x3 convolution of each width, at
+  # stride 2), going on from the crop encoder's feature map after `cell_attribute_branch_stage` convolutions.
+  c.model.cell_attribute_branch_widths = ()
+  c.model.cell_attribute_branch_stage = 2
   c.model.dtype = 'float32'  # 'bfloat16' on accelerators
 
   c.loss = ml_collections.ConfigDict()

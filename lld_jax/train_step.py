@@ -67,6 +67,8 @@ def create_model(config, num_classes) -> detector_lib.Detector:
       cell_class_flips=m.get('cell_class_flips', False), attribute_box_size=m.get('attribute_box_size', False),
       cell_crop_pixels=m.get('cell_crop_pixels', 'intensity'),
       cell_attribute_classifier=m.get('cell_attribute_classifier', False),
+      cell_attribute_branch_widths=tuple(m.get('cell_attribute_branch_widths', ())),
+      cell_attribute_branch_stage=m.get('cell_attribute_branch_stage', 2),
       dtype=jnp.dtype(m.dtype))
 
 

@@ -10,7 +10,8 @@ scores the eval split with the same metrics as `lld_jax.evaluate`, giving each t
 classifier can be wrong: the mAP50 and attribute F1 it reaches bound what a detector can expect from the same
 pixels and a similar training budget. Writes the metrics as JSON to `--out` (default: stdout only).
 `--trained_attributes` and `--class_loss=false` leave heads out of the loss, to see what learning one attribute
-alone reaches against learning it with the others (session 24: vacuoles 0.86 alone, 0.37 with the rest).
+alone reaches against learning it with the others (session 24: vacuoles 0.86 alone, 0.37 with the rest);
+`--attribute_branch_widths` gives each attribute its own branch of the CNN (session 25: vacuoles 0.66-0.70).
 """
 
 import functools
@@ -66,19 +67,36 @@ def cell_crops(builder, split, source_size, crop_size, pixels='intensity'):
 
 
 class CropClassifier(nn.Module):
+  """Class and attribute logits from one CNN; with `branch_widths`, each attribute has its own branch of them
+  that goes on from the CNN's feature map after `branch_stage` convolutions (0: from the pixels, a CNN of its
+  own), as `detector.CellAttributeClassifier`'s branches do."""
   num_classes: int
   attribute_values: tuple[int, ...]
   widths: tuple[int, ...]  # one 3x3 convolution each, the first at stride 1, the others at stride 2
+  branch_widths: tuple[int, ...] = ()
+  branch_stage: int = 0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, crops):
+    x = stage = crops
     for i, width in enumerate(self.widths):
       stride = 1 if i == 0 else 2
       x = nn.silu(nn.GroupNorm(8)(nn.Conv(width, (3, 3), (stride, stride))(x)))
+      if i + 1 == self.branch_stage:
+        stage = x
     x = x.mean((1, 2))
-    attributes = nn.Dense(len(self.attribute_values) * max(self.attribute_values))(x)
-    return nn.Dense(self.num_classes)(x), attributes.reshape(-1, len(self.attribute_values),
-                                                             max(self.attribute_values))
+    num_attributes, max_values = len(self.attribute_values), max(self.attribute_values)
+    if not self.branch_widths:
+      attributes = nn.Dense(num_attributes * max_values)(x).reshape(-1, num_attributes, max_values)
+      return nn.Dense(self.num_classes)(x), attributes
+    attributes = []
+    for _ in range(num_attributes):
+      y = stage
+      for i, width in enumerate(self.branch_widths):
+        stride = 1 if i + self.branch_stage == 0 else 2
+        y = nn.silu(nn.GroupNorm(2)(nn.Conv(width, (3, 3), (stride, stride))(y)))
+      attributes.append(nn.Dense(max_values)(y.mean((1, 2))))
+    return nn.Dense(self.num_classes)(x), jnp.stack(attributes, 1)
 
 
 def _stain_jitter(x, rng, kind):
@@ -103,12 +121,13 @@ def _stain_jitter(x, rng, kind):
 
 
 def train_classifier(crops, labels, attributes, num_classes, steps, batch_size, seed, learning_rate, widths,
-                     stain_jitter, class_loss=True, trained_attributes=lld_format.ATTRIBUTE_NAMES):
+                     stain_jitter, class_loss=True, trained_attributes=lld_format.ATTRIBUTE_NAMES, branch_widths=(),
+                     branch_stage=0):
   """A CNN trained on the crops; `class_loss` and `trained_attributes` choose what its loss holds (the heads
-  left out stay as initialized)."""
+  left out stay as initialized); `branch_widths` and `branch_stage` as `CropClassifier`'s."""
   values = lld_format.NUM_ATTRIBUTE_VALUES
   trained = jnp.asarray([name in trained_attributes for name in lld_format.ATTRIBUTE_NAMES])
-  model = CropClassifier(num_classes, values, tuple(widths))
+  model = CropClassifier(num_classes, values, tuple(widths), tuple(branch_widths), branch_stage)
   mean, std = crops.mean((0, 1, 2)), crops.std((0, 1, 2)) + 1e-6
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + crops.shape[1:]))
   tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=1e-4)
@@ -183,6 +202,10 @@ _CLASS_LOSS = flags.DEFINE_bool('class_loss', True, 'train the class head (off: 
 _TRAINED_ATTRIBUTES = flags.DEFINE_list('trained_attributes', list(lld_format.ATTRIBUTE_NAMES),
                                         'the attributes whose cross-entropy is in the loss (the others are scored '
                                         'untrained)')
+_BRANCH_WIDTHS = flags.DEFINE_list('attribute_branch_widths', [],
+                                    'each attribute in its own branch of the CNN, of these widths (at stride 2)')
+_BRANCH_STAGE = flags.DEFINE_integer('attribute_branch_stage', 0, 'the branches go on from the CNN\'s feature map '
+                                     'after this many convolutions (0: from the pixels, a CNN for each attribute)')
 _OUT = flags.DEFINE_string('out', '', 'write the summary JSON here')
 
 
@@ -201,7 +224,8 @@ def main(argv):
         flush=True)
   predict = train_classifier(crops, labels, attributes, info.num_classes, _STEPS.value, _BATCH.value, _SEED.value,
                              _LEARNING_RATE.value, [int(w) for w in _WIDTHS.value], _STAIN_JITTER.value,
-                             _CLASS_LOSS.value, tuple(_TRAINED_ATTRIBUTES.value))
+                             _CLASS_LOSS.value, tuple(_TRAINED_ATTRIBUTES.value),
+                             [int(w) for w in _BRANCH_WIDTHS.value], _BRANCH_STAGE.value)
   truths = evaluate.ground_truth(builder, d.eval_split)
   offsets = evaluate.attribute_logit_offsets(config, input_pipeline.count_attribute_values(builder, d.train_split))
   predictions, accuracy = oracle_predictions(truths, predict, builder, d.eval_split, source_size, _CROP_SIZE.value,
@@ -215,7 +239,8 @@ def main(argv):
   summary = {'source_size': source_size, 'steps': _STEPS.value, 'batch_size': _BATCH.value,
              'learning_rate': _LEARNING_RATE.value, 'crop_size': _CROP_SIZE.value, 'widths': _WIDTHS.value,
              'stain_jitter': _STAIN_JITTER.value, 'pixels': _PIXELS.value, 'class_loss': _CLASS_LOSS.value,
-             'trained_attributes': _TRAINED_ATTRIBUTES.value,
+             'trained_attributes': _TRAINED_ATTRIBUTES.value, 'attribute_branch_widths': _BRANCH_WIDTHS.value,
+             'attribute_branch_stage': _BRANCH_STAGE.value,
              'attribute_logit_adjustment': evaluate.attribute_logit_adjustment(config),
              'class_accuracy': accuracy, **{k: result[k] for k in keys}}
   print(json.dumps(summary, indent=1))

@@ -79,24 +79,33 @@ def test_warm_up_learns_the_cells_and_only_touches_the_cell_heads():
                             warmed['cell_classifier']['dense']['kernel'])
 
 
-def test_warm_up_learns_the_attributes_with_the_cell_attribute_classifier():
+@pytest.mark.parametrize('branch_widths', [(), (8, 8)])
+def test_warm_up_learns_the_attributes_with_the_cell_attribute_classifier(branch_widths):
   """The size comes from each cell's box in pixels (the crops all look alike in size), the darkness from its
-  pixels; the cell attribute classifier learns both, with the classes."""
+  pixels; the cell attribute classifier learns both, with the classes (on the crop tokens, or each attribute in
+  its own branch of the crop encoder)."""
   config, pool = _config(cell_crop_warmup_steps=150), _attributed_pool()
   config.model.cell_attribute_classifier = True
+  config.model.cell_attribute_branch_widths = branch_widths
   config.model.attribute_box_size = True
   config.optimizer.learning_rate = 5e-3  # a size from the box is one weight away; let it move in 150 steps
   params = _params(config)
-  tokens = np.zeros((1, 1, 1, config.model.hidden_dim), np.float32)
-  params['cell_attribute_classifier'] = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES).init(
-      jax.random.PRNGKey(2), tokens, np.zeros((1, 1, 2), np.float32))['params']
+  encoder = detector.CellCropEncoder(config.model.hidden_dim, branch_stage=2 if branch_widths else 0)
+  classifier = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES, branch_widths)
+
+  def attribute_features(encoder_params, crops):
+    encoded = encoder.apply({'params': encoder_params}, crops)
+    return encoded[1] if branch_widths else encoded
+
+  crops = np.zeros((1, 1, CROP, CROP, 3), np.float32)
+  params['cell_attribute_classifier'] = classifier.init(
+      jax.random.PRNGKey(2), attribute_features(params['cell_encoder'], crops), np.zeros((1, 1, 2), np.float32))['params']
   warmed, tenths = cell_head_warmup.warm_up(params, pool, config, num_classes=len(GREYS))
   assert tenths[-1] < 0.1 * tenths[0]
   drawn = cell_crops.sample(pool, 0, seed=5, num_devices=1, per_device=64, augment=False)
-  tokens = detector.CellCropEncoder(config.model.hidden_dim).apply({'params': warmed['cell_encoder']},
-                                                                   drawn['cell_crops'])
-  logits = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES).apply(
-      {'params': warmed['cell_attribute_classifier']}, tokens, detector.size_features_of(drawn['cell_crop_box_pixels']))
+  logits = classifier.apply({'params': warmed['cell_attribute_classifier']},
+                            attribute_features(warmed['cell_encoder'], drawn['cell_crops']),
+                            detector.size_features_of(drawn['cell_crop_box_pixels']))
   predicted = np.asarray(logits).argmax(-1)
   np.testing.assert_array_equal(predicted[..., :2], drawn['cell_crop_attributes'][..., :2])
   assert (predicted < np.asarray(lld_format.NUM_ATTRIBUTE_VALUES)).all()  # only each attribute's own values

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lld_jax.models import detector
 
@@ -326,9 +327,11 @@ def test_attribute_box_size_reads_the_pixel_scale():
     jax.eval_shape(functools.partial(model.apply, train=False), variables, images, image_mask)
 
 
-def test_cell_attribute_classifier_adds_to_the_attribute_head_and_reads_the_crops_sizes():
+@pytest.mark.parametrize('branch_widths', [(), (8, 8)])
+def test_cell_attribute_classifier_adds_to_the_attribute_head_and_reads_the_crops_sizes(branch_widths):
   images, image_mask, targets = _inputs()
-  model = CELL_MODEL.clone(attribute_box_size=True, cell_attribute_classifier=True)
+  model = CELL_MODEL.clone(attribute_box_size=True, cell_attribute_classifier=True,
+                           cell_attribute_branch_widths=branch_widths)
   crops = np.random.default_rng(1).normal(size=(1, 3, 8, 8, 3)).astype(np.float32)
   box_pixels = np.full((1, 3, 2), 40.0, np.float32)
   scale = np.array([1.0], np.float32)
@@ -349,7 +352,6 @@ def test_cell_attribute_classifier_adds_to_the_attribute_head_and_reads_the_crop
   np.testing.assert_array_equal(larger['crop_class_logits'], out['crop_class_logits'])
   # With the classifier's weights at zero, the detections' attribute logits are the attribute head's alone.
   silent = jax.tree_util.tree_map(np.zeros_like, variables['params']['cell_attribute_classifier'])
-  silent['norm']['scale'] = np.ones_like(silent['norm']['scale'])
   without = {'params': {k: v for k, v in variables['params'].items() if k != 'cell_attribute_classifier'}}
   def evaluation(m):
     apply = jax.jit(functools.partial(m.apply, train=False), compiler_options=FAST_COMPILE)
@@ -359,3 +361,54 @@ def test_cell_attribute_classifier_adds_to_the_attribute_head_and_reads_the_crop
   summed = evaluate({'params': {**variables['params'], 'cell_attribute_classifier': silent}})
   np.testing.assert_allclose(summed[..., allowed], head_only[..., allowed], atol=1e-5)
   assert not np.allclose(evaluate(variables)[..., allowed], head_only[..., allowed], atol=1e-4)
+
+
+def test_cell_attribute_branches_give_each_attribute_its_own_cnn():
+  """Each attribute's logits come from its own branch alone (its channels of the branches' shared first
+  convolution, then its own layers), and the branches go on from the crop encoder's feature map after
+  `cell_attribute_branch_stage` convolutions."""
+  num_values = MODEL.attribute_values
+  encoder = detector.CellCropEncoder(16, branch_stage=2)
+  crops = np.random.default_rng(0).normal(size=(2, 3, 8, 8, 3)).astype(np.float32)
+  encoder_params = encoder.init(jax.random.PRNGKey(0), crops)
+  tokens, stage = encoder.apply(encoder_params, crops)
+  np.testing.assert_array_equal(tokens, detector.CellCropEncoder(16).apply(encoder_params, crops))
+  assert stage.shape == (2, 3, 4, 4, 32)  # the first convolution at stride 1, the second at stride 2
+  classifier = detector.CellAttributeClassifier(num_values, branch_widths=(8, 8))
+  sizes = np.zeros((2, 3, 2), np.float32)
+  params = classifier.init(jax.random.PRNGKey(1), stage, sizes)['params']
+  assert params['branches_conv0']['kernel'].shape == (3, 3, 32, 8 * len(num_values))
+  logits = np.asarray(classifier.apply({'params': params}, stage, sizes))
+  assert logits.shape == (2, 3, len(num_values), max(num_values))
+  allowed = np.arange(max(num_values))[None] < np.asarray(num_values)[:, None]
+  assert (logits[..., ~allowed] <= -1e8).all()
+  others = np.arange(len(num_values)) != 3
+  rng = np.random.default_rng(2)  # random changes: a group norm would undo a constant one
+
+  def moved(change):
+    p = jax.tree_util.tree_map(np.array, params)
+    change(p)
+    return np.asarray(classifier.apply({'params': p}, stage, sizes))
+
+  def first_convolution(p):  # the fourth branch's channels
+    p['branches_conv0']['kernel'][..., 8 * 3:8 * 4] += rng.normal(size=(3, 3, 32, 8))
+
+  def second_convolution(p):
+    kernel = p['branch3_conv1']['Conv_0']['kernel']
+    kernel += rng.normal(size=kernel.shape)
+
+  def classifier_weights(p):
+    p['branch3_dense']['kernel'] += rng.normal(size=p['branch3_dense']['kernel'].shape)
+
+  for change in (first_convolution, second_convolution, classifier_weights):
+    changed = moved(change)
+    np.testing.assert_array_equal(changed[:, :, others], logits[:, :, others])
+    assert not np.allclose(changed[:, :, 3][..., allowed[3]], logits[:, :, 3][..., allowed[3]])
+
+
+def test_cell_attribute_branches_leave_the_crop_encoder_inside_it():
+  images, image_mask, _ = _inputs()
+  model = CELL_MODEL.clone(cell_attribute_classifier=True, cell_attribute_branch_widths=(8, 8),
+                           cell_attribute_branch_stage=5)
+  with pytest.raises(ValueError, match='cell_attribute_branch_stage=5: .* 1 to 4'):
+    jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), images, image_mask)

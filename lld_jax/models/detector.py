@@ -234,20 +234,27 @@ class CellCropEncoder(nn.Module):
   The detector's feature maps are 8x coarser than the input or more, and a cell's nucleoli, vacuoles, granules
   and chromatin texture are a few input pixels wide: only the pixels themselves still show them.
   crops [B, N, S, S, C] -> [B, N, T, hidden_dim] tokens (T = (S/8)^2 positions of the cell).
+  With `branch_stage` > 0 it returns (tokens, the feature map after that many convolutions [B, N, h, w, C]), from
+  which `CellAttributeClassifier`'s branches go on.
   """
   hidden_dim: int
   widths: Sequence[int] = (16, 32, 48, 64)
+  branch_stage: int = 0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, crops):
     batch, num_objects = crops.shape[:2]
     x = crops.astype(self.dtype).reshape((batch * num_objects,) + crops.shape[2:])
+    stage = None
     for i, width in enumerate(self.widths):
       x = ConvNorm(width, 3, stride=1 if i == 0 else 2, dtype=self.dtype, name=f'conv{i}')(x)
+      if i + 1 == self.branch_stage:
+        stage = x.reshape((batch, num_objects) + x.shape[1:])
     tokens = nn.Dense(self.hidden_dim, dtype=self.dtype, name='proj')(x.reshape(x.shape[0], -1, x.shape[-1]))
     tokens = tokens + self.param('position', nn.initializers.normal(0.02), tokens.shape[1:])
-    return tokens.reshape(batch, num_objects, -1, self.hidden_dim)
+    tokens = tokens.reshape(batch, num_objects, -1, self.hidden_dim)
+    return (tokens, stage) if self.branch_stage else tokens
 
 
 class CellClassifier(nn.Module):
@@ -287,28 +294,59 @@ def allowed_values_only(logits, num_values):
 
 
 class CellAttributeClassifier(nn.Module):
-  """Each cell's attributes from its crop tokens alone [B, N, T, C] (and its box's `size_features_of` [B, N, 2],
-  when given) -> logits [B, N, A, V]: a linear classifier on the pooled tokens. It learns from the true-cell
-  crops of the whole training split (lld_jax.cell_crops) as the cell classifier does, and the attribute head adds
-  its logits to its own, so that the crops' CNN learns the attributes from every cell of the split and not only
-  from the few of each step's fields."""
+  """Each cell's attributes from its crop alone -> logits [B, N, A, V]. It learns from the true-cell crops of the
+  whole training split (lld_jax.cell_crops) as the cell classifier does, and the attribute head adds its logits to
+  its own, so that the attributes are learned from every cell of the split and not only from the few of each
+  step's fields.
+
+  Without `branch_widths` it is a linear classifier on the pooled crop tokens [B, N, T, C]. With them, each
+  attribute has its own small CNN (one 3x3 convolution of each width, at stride 2) that goes on from the crop
+  encoder's feature map after its first convolutions [B, N, h, w, C] (`CellCropEncoder.branch_stage`): sharing
+  one CNN, the class and the other attributes kept a rare, small feature such as a vacuole from forming (the
+  crop oracle's vacuole F1 0.37 shared, 0.86 learned alone; docs/results.md, sessions 24-25). Each cell's
+  `size_features_of` its box [B, N, 2], when given, is added to the pooled features: the crops are resized to a
+  fixed grid and lose the cell's own size.
+  """
   num_values: Sequence[int]
+  branch_widths: Sequence[int] = ()
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, cell_tokens, box_size_features=None):
-    pooled = nn.LayerNorm(dtype=self.dtype, name='norm')(cell_tokens.mean(2))
-    if box_size_features is not None:  # the crops are resized to a fixed grid: the cell's own size is lost
-      pooled = pooled + nn.Dense(pooled.shape[-1], dtype=self.dtype, name='box_size')(box_size_features)
+  def __call__(self, cell_features, box_size_features=None):
     num_attributes, max_values = len(self.num_values), max(self.num_values)
-    logits = nn.Dense(num_attributes * max_values, dtype=self.dtype, name='dense')(pooled).astype(jnp.float32)
-    return allowed_values_only(logits.reshape(logits.shape[:-1] + (num_attributes, max_values)), self.num_values)
+    if not self.branch_widths:
+      pooled = nn.LayerNorm(dtype=self.dtype, name='norm')(cell_features.mean(2))
+      if box_size_features is not None:  # the crops are resized to a fixed grid: the cell's own size is lost
+        pooled = pooled + nn.Dense(pooled.shape[-1], dtype=self.dtype, name='box_size')(box_size_features)
+      logits = nn.Dense(num_attributes * max_values, dtype=self.dtype, name='dense')(pooled).astype(jnp.float32)
+      return allowed_values_only(logits.reshape(logits.shape[:-1] + (num_attributes, max_values)), self.num_values)
+    lead = cell_features.shape[:2]
+    x = cell_features.astype(self.dtype).reshape((-1,) + cell_features.shape[2:])
+    # Every branch's first convolution reads the same map: one convolution with all their channels (branch after
+    # branch; a group norm per branch, as ConvNorm's, since the groups split the channels in order). The later
+    # ones, one per branch: on XLA's CPU a loop of small convolutions ran 10x faster than a grouped one, and than
+    # 3x3 patches times a kernel per branch.
+    first = self.branch_widths[0]
+    x = nn.Conv(num_attributes * first, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                name='branches_conv0')(x)
+    x = nn.silu(nn.GroupNorm(num_groups=num_attributes * min(32, first // 4), dtype=self.dtype,
+                             name='branches_norm0')(x))
+    logits = []
+    for a, x in enumerate(jnp.split(x, num_attributes, axis=-1)):
+      for i, width in enumerate(self.branch_widths[1:], start=1):
+        x = ConvNorm(width, 3, stride=2, dtype=self.dtype, name=f'branch{a}_conv{i}')(x)
+      pooled = nn.LayerNorm(dtype=self.dtype, name=f'branch{a}_norm')(x.mean((1, 2)).reshape(lead + (-1,)))
+      if box_size_features is not None:
+        pooled = pooled + nn.Dense(pooled.shape[-1], dtype=self.dtype, name=f'branch{a}_box_size')(box_size_features)
+      logits.append(nn.Dense(max_values, dtype=self.dtype, name=f'branch{a}_dense')(pooled).astype(jnp.float32))
+    return allowed_values_only(jnp.stack(logits, axis=2), self.num_values)
 
 
-def flip_averaged_log_probs(cell_classifier, cell_encoder, crops, logits):
-  """The classifier's log-probabilities averaged over the crop and its three flips [B, N, K]: a cell has no
-  orientation (the training crops are flipped at random), and averaging the views steadies the class."""
-  views = [logits] + [cell_classifier(cell_encoder(v)) for v in
+def flip_averaged_log_probs(cell_classifier, encode, crops, logits):
+  """The classifier's log-probabilities averaged over the crop and its three flips [B, N, K] (`encode`: crops ->
+  tokens): a cell has no orientation (the training crops are flipped at random), and averaging the views steadies
+  the class."""
+  views = [logits] + [cell_classifier(encode(v)) for v in
                       (crops[:, :, :, ::-1], crops[:, :, ::-1], crops[:, :, ::-1, ::-1])]
   return jnp.mean(jnp.stack([jax.nn.log_softmax(v) for v in views]), 0)
 
@@ -458,7 +496,16 @@ class Detector(nn.Module):
   cell_class_flips: bool = False
   attribute_box_size: bool = False
   cell_attribute_classifier: bool = False
+  cell_attribute_branch_widths: Sequence[int] = ()
+  cell_attribute_branch_stage: int = 2
   dtype: jnp.dtype = jnp.float32
+
+  @property
+  def cell_encoder_branch_stage(self) -> int:
+    """Where the cell attribute classifier's branches leave the crop encoder (0: it reads the crop tokens)."""
+    if self.cell_attribute_classifier and self.cell_attribute_branch_widths:
+      return self.cell_attribute_branch_stage
+    return 0
 
   @nn.compact
   def __call__(self, images, image_mask, targets=None, train: bool = False, cell_crops=None, pixel_scale=None,
@@ -563,20 +610,33 @@ class Detector(nn.Module):
     if cell_crops is not None and not (self.cell_crop_size and self.cell_class_refinement):
       raise ValueError('cell crops need the cell classifier: model.cell_crop_size > 0 and '
                        'model.cell_class_refinement=True')
+    if self.cell_attribute_classifier and not self.cell_crop_size:
+      raise ValueError('model.cell_attribute_classifier reads the cell crops: set model.cell_crop_size > 0')
+    encoder_depth = len(CellCropEncoder.widths)
+    if self.cell_encoder_branch_stage and not 1 <= self.cell_encoder_branch_stage <= encoder_depth:
+      raise ValueError(f'model.cell_attribute_branch_stage={self.cell_attribute_branch_stage}: the branches leave the '
+                       f'crop encoder after 1 to {encoder_depth} of its convolutions')
     if self.cell_crop_size:
-      cell_encoder = CellCropEncoder(self.hidden_dim, dtype=self.dtype, name='cell_encoder')
+      cell_encoder = CellCropEncoder(self.hidden_dim, branch_stage=self.cell_encoder_branch_stage, dtype=self.dtype,
+                                     name='cell_encoder')
+
+      def encode(c):  # -> (tokens, what the cell attribute classifier reads)
+        encoded = cell_encoder(c)
+        return encoded if self.cell_encoder_branch_stage else (encoded, encoded)
+
       crops = cell_encoder_crops(images.astype(self.dtype), attribute_boxes, self.cell_crop_size,
                                  self.cell_crop_pixels)
-      cell_tokens = cell_encoder(crops)
+      cell_tokens, cell_attribute_features = encode(crops)
       if self.cell_class_refinement:
         # Crop features only: the attribute head's shared attention stays the attributes' (a cross-entropy there
         # from the first step cost attribute F1 in our A/B).
         cell_classifier = CellClassifier(self.num_classes, self.dtype, name='cell_classifier')
         cell_class_logits = cell_classifier(cell_tokens)
         if self.cell_class_flips and not train:
-          cell_class_logits = flip_averaged_log_probs(cell_classifier, cell_encoder, crops, cell_class_logits)
+          cell_class_logits = flip_averaged_log_probs(cell_classifier, lambda c: encode(c)[0], crops,
+                                                      cell_class_logits)
         if cell_crops is not None:
-          crop_tokens = cell_encoder(cell_crops)
+          crop_tokens, crop_attribute_features = encode(cell_crops)
           outputs['crop_class_logits'] = cell_classifier(crop_tokens)
     size_features = None
     if self.attribute_box_size:
@@ -589,16 +649,14 @@ class Detector(nn.Module):
         num_classes=self.num_classes if self.cell_class_refinement else 0, dtype=self.dtype, name='attribute_head')(
             attribute_queries, attribute_boxes, levels[0], masks[0], cell_tokens, size_features)
     if self.cell_attribute_classifier:
-      if not self.cell_crop_size:
-        raise ValueError('model.cell_attribute_classifier reads the cell crops: set model.cell_crop_size > 0')
-      cell_attribute_classifier = CellAttributeClassifier(self.attribute_values, self.dtype,
-                                                          name='cell_attribute_classifier')
-      attribute_logits = attribute_logits + cell_attribute_classifier(cell_tokens, size_features)
+      cell_attribute_classifier = CellAttributeClassifier(self.attribute_values, self.cell_attribute_branch_widths,
+                                                          self.dtype, name='cell_attribute_classifier')
+      attribute_logits = attribute_logits + cell_attribute_classifier(cell_attribute_features, size_features)
       if cell_crops is not None:
         if self.attribute_box_size and cell_crop_box_pixels is None:
           raise ValueError('model.attribute_box_size: pass the crops\' cell_crop_box_pixels')
         crop_size_features = size_features_of(cell_crop_box_pixels) if self.attribute_box_size else None
-        outputs['crop_attribute_logits'] = cell_attribute_classifier(crop_tokens, crop_size_features)
+        outputs['crop_attribute_logits'] = cell_attribute_classifier(crop_attribute_features, crop_size_features)
     if class_refinement is not None:  # the last layer's classes, for the queries the head has read
       last = all_logits[-1]
       all_logits[-1] = jnp.concatenate([
