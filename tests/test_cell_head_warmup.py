@@ -38,6 +38,7 @@ def _attributed_pool():
 
 def _config(**overrides):
   c = synthetic_demo.get_config()
+  c.model.cell_attribute_classifier = False  # the cell classifier's warm-up; the attributes' has a test of its own
   c.cell_crop_batch_size = 8
   c.cell_crop_warmup_steps = 40
   c.model.cell_crop_size = CROP
@@ -98,8 +99,9 @@ def test_warm_up_learns_the_attributes_with_the_cell_attribute_classifier(branch
     return encoded[1] if branch_widths else encoded
 
   crops = np.zeros((1, 1, CROP, CROP, 3), np.float32)
+  sizes = np.zeros((1, 1, 2), np.float32)
   params['cell_attribute_classifier'] = classifier.init(
-      jax.random.PRNGKey(2), attribute_features(params['cell_encoder'], crops), np.zeros((1, 1, 2), np.float32))['params']
+      jax.random.PRNGKey(2), attribute_features(params['cell_encoder'], crops), sizes)['params']
   warmed, tenths = cell_head_warmup.warm_up(params, pool, config, num_classes=len(GREYS))
   assert tenths[-1] < 0.1 * tenths[0]
   drawn = cell_crops.sample(pool, 0, seed=5, num_devices=1, per_device=64, augment=False)

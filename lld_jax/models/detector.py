@@ -303,9 +303,9 @@ class CellAttributeClassifier(nn.Module):
   attribute has its own small CNN (one 3x3 convolution of each width, at stride 2) that goes on from the crop
   encoder's feature map after its first convolutions [B, N, h, w, C] (`CellCropEncoder.branch_stage`): sharing
   one CNN, the class and the other attributes kept a rare, small feature such as a vacuole from forming (the
-  crop oracle's vacuole F1 0.37 shared, 0.86 learned alone; docs/results.md, sessions 24-25). Each cell's
-  `size_features_of` its box [B, N, 2], when given, is added to the pooled features: the crops are resized to a
-  fixed grid and lose the cell's own size.
+  crop oracle's vacuole F1: 0.37 shared, 0.86 learned alone, 0.65 in branches; docs/results.md, sessions 24-25).
+  Each cell's `size_features_of` its box [B, N, 2], when given, is added to the pooled features: the crops are
+  resized to a fixed grid and lose the cell's own size.
   """
   num_values: Sequence[int]
   branch_widths: Sequence[int] = ()
@@ -324,8 +324,8 @@ class CellAttributeClassifier(nn.Module):
     x = cell_features.astype(self.dtype).reshape((-1,) + cell_features.shape[2:])
     # Every branch's first convolution reads the same map: one convolution with all their channels (branch after
     # branch; a group norm per branch, as ConvNorm's, since the groups split the channels in order). The later
-    # ones, one per branch: on XLA's CPU a loop of small convolutions ran 10x faster than a grouped one, and than
-    # 3x3 patches times a kernel per branch.
+    # ones, one per branch: on XLA's CPU a loop of small convolutions ran over 10x faster than one grouped
+    # convolution or than 3x3 patches times a kernel per branch (docs/results.md, session 25).
     first = self.branch_widths[0]
     x = nn.Conv(num_attributes * first, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
                 name='branches_conv0')(x)
