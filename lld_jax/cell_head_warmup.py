@@ -16,7 +16,6 @@ import functools
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -45,8 +44,8 @@ def _optimizer(config, steps):
 
 def _step(heads, opt_state, drawn, encoder, classifier, attribute_classifier, attribute_weight, read_box_size, tx):
   def loss_fn(heads):
-    encoded = encoder.apply({'params': heads['cell_encoder']}, drawn['cell_crops'][None])
-    tokens, attribute_features = encoded if encoder.branch_stage else (encoded, encoded)
+    tokens, attribute_features = detector.tokens_and_attribute_features(
+        encoder.apply({'params': heads['cell_encoder']}, drawn['cell_crops'][None]), encoder.branch_stage)
     logits = classifier.apply({'params': heads['cell_classifier']}, tokens)
     loss = criterion.crop_cross_entropy(logits, drawn['cell_crop_labels'][None], AXIS)
     if attribute_classifier is not None:
@@ -75,8 +74,8 @@ def warm_up(params, pool: cell_crops.CellCropPool, config, num_classes):
   loss of each tenth of the steps])."""
   check_config(config)
   steps, per_device = config.cell_crop_warmup_steps, config.cell_crop_batch_size
-  dtype = jnp.dtype(config.model.dtype)
   model = train_step.create_model(config, num_classes)  # the heads as the detector builds them
+  dtype = model.dtype
   encoder = detector.CellCropEncoder(model.hidden_dim, branch_stage=model.cell_encoder_branch_stage, dtype=dtype)
   classifier = detector.CellClassifier(num_classes, dtype)
   attribute_classifier, names = None, HEADS

@@ -95,8 +95,8 @@ def test_warm_up_learns_the_attributes_with_the_cell_attribute_classifier(branch
   classifier = detector.CellAttributeClassifier(lld_format.NUM_ATTRIBUTE_VALUES, branch_widths)
 
   def attribute_features(encoder_params, crops):
-    encoded = encoder.apply({'params': encoder_params}, crops)
-    return encoded[1] if branch_widths else encoded
+    return detector.tokens_and_attribute_features(encoder.apply({'params': encoder_params}, crops),
+                                                  encoder.branch_stage)[1]
 
   crops = np.zeros((1, 1, CROP, CROP, 3), np.float32)
   sizes = np.zeros((1, 1, 2), np.float32)

@@ -257,6 +257,12 @@ class CellCropEncoder(nn.Module):
     return (tokens, stage) if self.branch_stage else tokens
 
 
+def tokens_and_attribute_features(encoded, branch_stage):
+  """(tokens, what the cell attribute classifier reads) of a `CellCropEncoder`'s output with that `branch_stage`:
+  the tokens themselves, or the feature map its branches go on from."""
+  return encoded if branch_stage else (encoded, encoded)
+
+
 class CellClassifier(nn.Module):
   """The class of a cell from its crop tokens alone [B, N, T, C] -> softmax logits [B, N, K]: a linear classifier
   on the pooled tokens, trained by a cross-entropy that is blind to duplicates (the decoder's sigmoid scores must
@@ -620,9 +626,8 @@ class Detector(nn.Module):
       cell_encoder = CellCropEncoder(self.hidden_dim, branch_stage=self.cell_encoder_branch_stage, dtype=self.dtype,
                                      name='cell_encoder')
 
-      def encode(c):  # -> (tokens, what the cell attribute classifier reads)
-        encoded = cell_encoder(c)
-        return encoded if self.cell_encoder_branch_stage else (encoded, encoded)
+      def encode(c):
+        return tokens_and_attribute_features(cell_encoder(c), self.cell_encoder_branch_stage)
 
       crops = cell_encoder_crops(images.astype(self.dtype), attribute_boxes, self.cell_crop_size,
                                  self.cell_crop_pixels)
