@@ -5,12 +5,13 @@ each cell's own pixels, `detector.CellClassifier`) learns from those alone and s
 reaches on crops of the true boxes in the same time (docs/results.md, session 20). `build_pool` crops every
 annotated cell of the split once, as the model sees it (the field resized to the canvas, no augmentation), with
 some context around the crop; `sample` then draws `cell_crop_batch_size` of them per device and step, each shifted
-by up to an eighth of its side (a box that is a little off), flipped, and with each colour channel scaled by
-0.85-1.15 (stains vary), then made what the cell encoder reads (`detector.cell_encoder_crops`: the normalized
-pixels, or their optical density against the field's background, which the pool keeps for each cell; its colour is
-scaled with the crop's, as another lamp's would be, so the density does not move). The draws depend on the seed,
-the process and the step only, so a resumed run sees the same crops. Each drawn cell comes with its class, its
-attributes and its box's size in its image's own pixels (for `detector.CellAttributeClassifier`).
+by up to `augment.cell_crop_shift` of its side (a box that is a little off; at most the context, an eighth of the
+side), flipped, and with each colour channel scaled by 0.85-1.15 (stains vary), then made what the cell encoder
+reads (`detector.cell_encoder_crops`: the normalized pixels, or their optical density against the field's
+background, which the pool keeps for each cell; its colour is scaled with the crop's, as another lamp's would be,
+so the density does not move). The draws depend on the seed, the process and the step only, so a resumed run sees
+the same crops. Each drawn cell comes with its class, its attributes and its box's size in its image's own pixels
+(for `detector.CellAttributeClassifier`).
 """
 
 import dataclasses
@@ -36,6 +37,7 @@ class CellCropPool:
   background: np.ndarray | None = None  # [N, 3] float32: the field's background at each cell (optical_density)
   attributes: np.ndarray | None = None  # [N, A] int32 attribute values (-1: not applicable)
   box_pixels: np.ndarray | None = None  # [N, 2] float32 each cell's width and height in its image's own pixels
+  max_shift: int | None = None  # the largest shift `sample` draws, in pixels (None: the whole context)
 
   @property
   def shift(self):
@@ -58,6 +60,10 @@ def build_pool(builder, split, config) -> CellCropPool:
                      'model.cell_crop_size > 0 and model.cell_class_refinement=True')
   shift = max(crop_size // 8, 1)
   side = crop_size + 2 * shift
+  shift_fraction = config.augment.cell_crop_shift
+  if not 0 <= shift_fraction <= 0.125:
+    raise ValueError(f'augment.cell_crop_shift={shift_fraction}: the pool holds context for shifts of 0 to 0.125 '
+                     'of the crop side')
   optical = config.model.cell_crop_pixels == 'optical_density'
 
   @jax.jit
@@ -81,7 +87,8 @@ def build_pool(builder, split, config) -> CellCropPool:
     truncated += int(cut['num_truncated'][cut['example_valid']].sum())
   pool = CellCropPool(np.concatenate(crops), np.concatenate(labels), crop_size, truncated,
                       config.model.cell_crop_pixels, np.concatenate(backgrounds) if optical else None,
-                      np.concatenate(attributes), np.concatenate(box_pixels))
+                      np.concatenate(attributes), np.concatenate(box_pixels),
+                      min(int(round(shift_fraction * crop_size)), shift))
   if not len(pool.labels):
     raise ValueError(f'cell_crop_batch_size={config.cell_crop_batch_size}: the {split} split has no annotated cell')
   logging.info('cell crop pool: %d cells of %s (%d left out: fields with more than max_objects=%d cells)',
@@ -97,7 +104,9 @@ def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True
   count = num_devices * per_device
   index = rng.integers(0, len(pool.labels), count)
   shift, size = pool.shift, pool.crop_size
-  dy, dx = (rng.integers(0, 2 * shift + 1, (2, count)) if augment else np.full((2, count), shift))
+  max_shift = shift if pool.max_shift is None else pool.max_shift
+  dy, dx = (rng.integers(shift - max_shift, shift + max_shift + 1, (2, count)) if augment
+            else np.full((2, count), shift))
   rows = dy[:, None] + np.arange(size)  # [n, S]
   cols = dx[:, None] + np.arange(size)
   crops = pool.crops[index[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32) / 255.0

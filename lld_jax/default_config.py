@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.min_scale = 0.75
   c.augment.max_scale = 1.25
   c.augment.colour = 1.0
+  # The true-cell crops (lld_jax.cell_crops) are shifted by up to this fraction of their side (0 to 0.125).
+  c.augment.cell_crop_shift = 0.125
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = 'resnet50'

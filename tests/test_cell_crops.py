@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lld_jax import cell_crops
+from lld_jax import default_config
 from lld_jax import input_pipeline
 from lld_jax import optical_density
 from lld_jax.models import detector
@@ -104,3 +105,41 @@ def test_optical_density_draws_do_not_move_with_the_channel_jitter():
   expected = np.asarray(optical_density.encoder_input(uniform, np.full((len(VALUES), 3), 0.99)))[:, 0, 0]
   first = [int(np.flatnonzero(LABELS == label)[0]) for label in plain['cell_crop_labels'][0]]
   np.testing.assert_allclose(plain['cell_crops'][0, :, 0, 0], expected[first], rtol=1e-5)
+
+
+def _offsets_of_draws(pool, drawn):
+  """For each drawn crop, the set of (dy, dx) windows of its pool crop that it is (up to flips and a per-channel
+  scale): the pool's texture makes the window unique."""
+  size, context = pool.crop_size, pool.shift
+  offsets = []
+  for crop, label in zip(_pixels(drawn['cell_crops'][0]), drawn['cell_crop_labels'][0]):
+    source = pool.crops[int(np.flatnonzero(LABELS == label)[0])].astype(np.float64)
+    found = set()
+    for dy in range(2 * context + 1):
+      for dx in range(2 * context + 1):
+        window = source[dy:dy + size, dx:dx + size]
+        for flipped in (crop, crop[:, ::-1], crop[::-1], crop[::-1, ::-1]):
+          ratio = flipped / window
+          if np.allclose(ratio, ratio.mean((0, 1)), rtol=1e-3):
+            found.add((dy - context, dx - context))
+    offsets.append(found)
+  return offsets
+
+
+@pytest.mark.parametrize('max_shift', [0, 1, 3])
+def test_shifts_stay_within_the_configured_limit(max_shift):
+  pool = dataclasses.replace(_pool(crop_size=8, shift=3), max_shift=max_shift)
+  pool.crops[:] = np.random.default_rng(3).integers(20, 200, pool.crops.shape)  # the jitter never clips them
+  drawn = cell_crops.sample(pool, step=1, seed=0, num_devices=1, per_device=32, augment=True)
+  offsets = _offsets_of_draws(pool, drawn)
+  assert all(len(found) == 1 for found in offsets)
+  shifts = np.array([next(iter(found)) for found in offsets])
+  assert np.abs(shifts).max() == max_shift  # reached, never passed
+
+
+def test_shift_beyond_the_pools_context_is_refused():
+  config = default_config.base_config()
+  config.model.cell_crop_size, config.model.cell_class_refinement = 32, True
+  config.augment.cell_crop_shift = 0.2
+  with pytest.raises(ValueError, match='augment.cell_crop_shift=0.2'):
+    cell_crops.build_pool(None, 'train', config)

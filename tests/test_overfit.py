@@ -107,6 +107,7 @@ def test_crop_pool_holds_each_training_cell_as_the_model_reads_it(two_images, pi
   batch = {k: v[0] for k, v in batch.items()}
   num_cells = int(batch['weight'].sum())
   assert len(pool.labels) == num_cells > 0 and pool.num_truncated == 0
+  assert pool.max_shift == round(config.augment.cell_crop_shift * config.model.cell_crop_size)
   np.testing.assert_array_equal(pool.labels, batch['labels'][0, :num_cells])
   read_by_model = np.asarray(detector.cell_encoder_crops(batch['image'], batch['boxes'],
                                                          config.model.cell_crop_size, pixels))
