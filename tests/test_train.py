@@ -24,6 +24,14 @@ def test_two_devices_are_simulated():
   assert jax.local_device_count() == 2
 
 
+def test_modules_sharing_the_training_run_are_one_xdist_group(request):
+  """Under `scripts/test.sh` (--dist loadgroup) this module and test_reliability run in one worker, which trains
+  the shared uninterrupted run once; pytest 9.2 with xdist 3.8 dropped the groups and trained it in both."""
+  if not getattr(request.config.option, 'loadgroup', False):  # set by xdist in its workers
+    pytest.skip('runs under --dist loadgroup only')
+  assert request.node.nodeid.endswith('@shared_uninterrupted_run')
+
+
 def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_path):
   config = tiny_config(tiny_download)
   _, uninterrupted = uninterrupted_run
