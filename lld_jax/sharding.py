@@ -12,9 +12,13 @@ import numpy as np
 AXIS = 'batch'  # the pmap axis name of every step function
 
 
+def _leading_axis_sharding(devices):
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
 def _put_leading_axis(x, devices):
-  mesh = jax.sharding.Mesh(np.asarray(devices[:x.shape[0]]), (AXIS,))
-  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+  return jax.device_put(x, _leading_axis_sharding(devices[:x.shape[0]]))
 
 
 def shard(tree, devices=None):
@@ -28,6 +32,18 @@ def replicate(tree, devices=None):
   devices = jax.local_devices() if devices is None else devices
   return jax.tree_util.tree_map(
       lambda x: _put_leading_axis(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), devices), tree)
+
+
+def shapes_on_devices(tree, replicated, devices=None):
+  """What `replicate(tree)` (replicated=True) or `shard(tree)` would place, as jax.ShapeDtypeStruct leaves with
+  their sharding: enough to compile a step ahead of time (`jax.pmap(f).lower(...)`) without copying anything."""
+  devices = jax.local_devices() if devices is None else devices
+
+  def shape(x):
+    placed = ((len(devices),) if replicated else ()) + np.shape(x)
+    dtype = jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype)
+    return jax.ShapeDtypeStruct(placed, dtype, sharding=_leading_axis_sharding(devices[:placed[0]]))
+  return jax.tree_util.tree_map(shape, tree)
 
 
 def unreplicate(tree):

@@ -7,7 +7,9 @@ end; a run restarts from the latest one in DIR, with the same data order, so a r
 parameters as an uninterrupted one. The best checkpoint by validation mAP50 is kept in DIR/best.
 """
 
+import concurrent.futures
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -252,16 +254,24 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
     pool = cell_crops.build_pool(builder, config.dataset.train_split, config)
     writer.write_scalars(start_step, {'cell_crop_pool/cells': len(pool.labels),
                                       'cell_crop_pool/left_out': pool.num_truncated})
-    if config.cell_crop_warmup_steps and start_step == 0:
-      params, tenths = cell_head_warmup.warm_up(state.params, pool, config, info.num_classes)
-      state = state.replace(params=params, ema_params=params)
-      writer.write_scalars(0, {'cell_head_warmup/first_loss': tenths[0], 'cell_head_warmup/last_loss': tenths[-1]})
     host_batches = cell_crops.with_crops(host_batches, pool, start_step, config.seed, num_devices,
                                          config.cell_crop_batch_size, config.augment.enabled)
-  train_iter = sharding.prefetch_to_devices(host_batches)
+  # The train step compiles on another thread while the cell heads warm up: on a CPU each takes a minute or more.
+  first_batch = next(host_batches)
+  host_batches = itertools.chain([first_batch], host_batches)
   p_train_step = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config), axis_name=AXIS,
                           donate_argnums=(0,))
+  compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
+  compiling = compiler.submit(lambda: p_train_step.lower(sharding.shapes_on_devices(state, replicated=True),
+                                                         sharding.shapes_on_devices(first_batch, False)).compile())
+  if config.cell_crop_batch_size and config.cell_crop_warmup_steps and start_step == 0:
+    params, tenths = cell_head_warmup.warm_up(state.params, pool, config, info.num_classes)
+    state = state.replace(params=params, ema_params=params)
+    writer.write_scalars(0, {'cell_head_warmup/first_loss': tenths[0], 'cell_head_warmup/last_loss': tenths[-1]})
+  train_iter = sharding.prefetch_to_devices(host_batches)
   replicated = sharding.replicate(state)
+  p_train_step = compiling.result()
+  compiler.shutdown()
   sigterm = _SigtermFlag()
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   pending = []
