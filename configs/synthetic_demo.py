@@ -12,11 +12,11 @@ Expected on the 2-core AMD EPYC (Zen 3) of sessions 25-26: 2.5 minutes to set up
 of the cell heads' warm-up (the train step compiles beside it), then 1.1-1.4 steps/s, about 9 minutes of
 training, 14 min 42 s in all from a fresh clone (no room to spare: without the attribute branches, about 85 s
 less); test mAP50 0.757, mAP50:95 0.552, strict attribute F1 0.775 (paper 0.773; cell size 0.89), cells AP50
-0.873 (docs/results.md, session 26; seed 1: mAP50 0.767, F1 0.779). Seeds and small code changes move the mAP50 by about 0.05 (0.719-0.767 over
-sessions 25-26's runs, 0.690-0.757 over session 23's three seeds). The Intel Xeon of sessions 19-24 ran 1.4-1.6
-steps/s (12 min 49 s from a fresh clone without the branches, session 23); the CPUs of earlier sessions ran
-0.75-0.85 (sessions 1-9) and 2.6-2.8 steps/s (10-18, at 256 px); on the slowest, these 620 steps and the warm-up
-would take about 20 minutes in all.
+0.873 (docs/results.md, session 26; seed 1: mAP50 0.767, F1 0.779). Seeds and small code changes move the
+mAP50 by about 0.05 (0.719-0.767 over sessions 25-26's runs, 0.690-0.757 over session 23's three seeds). The
+Intel Xeon of sessions 19-24 ran 1.4-1.6 steps/s (12 min 49 s from a fresh clone without the branches, session
+23); the CPUs of earlier sessions ran 0.75-0.85 (sessions 1-9) and 2.6-2.8 steps/s (10-18, at 256 px); on the
+slowest, these 620 steps and the warm-up would take about 20 minutes in all.
 The issue's quality targets (mAP50 0.90, F1 0.85) are missed. The demo finds its cells better than it names
 them: with the names of the true cells they overlap, its detections would score mAP50 0.89-0.92
 (`scripts/naming_ceiling.py`). A crop classifier given the true boxes reaches 0.96 / 0.91 when it learns from 112
