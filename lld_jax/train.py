@@ -256,22 +256,26 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
                                       'cell_crop_pool/left_out': pool.num_truncated})
     host_batches = cell_crops.with_crops(host_batches, pool, start_step, config.seed, num_devices,
                                          config.cell_crop_batch_size, config.augment.enabled)
-  # The train step compiles on another thread while the cell heads warm up: on a CPU each takes a minute or more.
-  first_batch = next(host_batches)
-  host_batches = itertools.chain([first_batch], host_batches)
   p_train_step = jax.pmap(functools.partial(train_step, model=model, tx=tx, config=config), axis_name=AXIS,
                           donate_argnums=(0,))
-  compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
-  compiling = compiler.submit(lambda: p_train_step.lower(sharding.shapes_on_devices(state, replicated=True),
-                                                         sharding.shapes_on_devices(first_batch, False)).compile())
+  compiling = None
+  if start_step < config.total_steps:  # a finished run compiles nothing
+    # The train step compiles on another thread while the cell heads warm up: on a CPU each takes a minute or more.
+    first_batch = next(host_batches)
+    host_batches = itertools.chain([first_batch], host_batches)
+    shapes = (sharding.shapes_on_devices(state, replicated=True),
+              sharding.shapes_on_devices(first_batch, replicated=False))
+    compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
+    compiling = compiler.submit(lambda: p_train_step.lower(*shapes).compile())
+    compiler.shutdown(wait=False)  # its one task still runs; the thread ends with it
   if config.cell_crop_batch_size and config.cell_crop_warmup_steps and start_step == 0:
     params, tenths = cell_head_warmup.warm_up(state.params, pool, config, info.num_classes)
     state = state.replace(params=params, ema_params=params)
     writer.write_scalars(0, {'cell_head_warmup/first_loss': tenths[0], 'cell_head_warmup/last_loss': tenths[-1]})
   train_iter = sharding.prefetch_to_devices(host_batches)
   replicated = sharding.replicate(state)
-  p_train_step = compiling.result()
-  compiler.shutdown()
+  if compiling is not None:
+    p_train_step = compiling.result()
   sigterm = _SigtermFlag()
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   pending = []
