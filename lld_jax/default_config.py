@@ -159,6 +159,10 @@ def base_config() -> ml_collections.ConfigDict:
   # unsure model never calls a rare value (prominent vacuoles, 12 % of the cells): its F1 stays 0. With 1 the mean
   # strict attribute F1 of three synthetic runs rose by 0.05-0.07 (docs/results.md, session 18).
   c.eval.attribute_logit_adjustment = 1.0
+  # 'field' or 'patient': the cell classifier's probabilities also read the other cells of the same field, or of every
+  # field of the same patient (a film), through the leukemia types' class mixes counted on the training split
+  # (lld_jax.class_context; LLD's names carry the patient and the type). 'none': each cell alone.
+  c.eval.class_context = 'none'
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # call jax.distributed.initialize() (multi-host GPU clusters, TPU pods)

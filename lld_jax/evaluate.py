@@ -12,12 +12,14 @@ import json
 import os
 
 from absl import app
+from absl import logging
 from absl import flags
 import jax
 from ml_collections import config_flags
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lld_jax import class_context
 from lld_jax import input_pipeline
 from lld_jax import metrics as metrics_lib
 from lld_jax import plots
@@ -87,11 +89,14 @@ def attribute_logit_offsets(config, attribute_counts):
   return postprocess.attribute_offsets(attribute_counts, lld_format.NUM_ATTRIBUTE_VALUES, strength)
 
 
-def predict_split(model, state, builder, split, config, attribute_counts=None) -> list[metrics_lib.ImagePrediction]:
+def predict_split(model, state, builder, split, config, attribute_counts=None,
+                  class_counts=None) -> list[metrics_lib.ImagePrediction]:
   """Detections for every image of the split (EMA weights when the config keeps an EMA).
 
   attribute_counts [A, V]: the training split's (`input_pipeline.count_attribute_values`), counted here when not
-  given and `eval.attribute_logit_adjustment` needs them."""
+  given and `eval.attribute_logit_adjustment` needs them; class_counts (counts [T, K], type names): the training
+  cells of each leukemia type (`input_pipeline.count_classes_by_type`), counted here when not given and
+  `eval.class_context` needs them."""
   if attribute_counts is None and attribute_logit_adjustment(config):
     attribute_counts = input_pipeline.count_attribute_values(builder, config.dataset.train_split)
   offsets = attribute_logit_offsets(config, attribute_counts)
@@ -100,31 +105,46 @@ def predict_split(model, state, builder, split, config, attribute_counts=None) -
   p_predict = jax.pmap(functools.partial(train.predict_step, model=model), axis_name=train.AXIS)
   replicated = sharding.replicate(variables)
   num_devices = jax.local_device_count()
-  predictions = {}
+  raw = {}  # every image's outputs first: the class context reads the other fields of a film
   for batch in sharding.prefetch_to_devices(
       input_pipeline.eval_dataset(builder, split, config, num_devices).as_numpy_iterator()):
     outputs = jax.device_get(p_predict(replicated, {k: batch[k] for k in train.PREDICT_INPUTS}))
-    cell_class_logits = postprocess.cell_classifier_logits(outputs, config.eval.class_scores)
     meta = jax.device_get({k: batch[k] for k in ('index', 'scale', 'original_size', 'example_valid')})
     for d in range(num_devices):
       for b in range(config.per_device_batch_size):
-        if not meta['example_valid'][d, b]:
-          continue
-        found = postprocess.to_detections(
-            outputs['logits'][d, b], outputs['boxes'][d, b], outputs['attribute_logits'][d, b],
-            config.image_size, float(meta['scale'][d, b]), meta['original_size'][d, b],
-            config.eval.max_detections, config.eval.score_threshold, config.eval.nms_iou_threshold,
-            None if cell_class_logits is None else cell_class_logits[d, b], offsets)
-        index = int(meta['index'][d, b])
-        predictions[index] = metrics_lib.ImagePrediction(
-            image_id=str(index), boxes=found.boxes, scores=found.scores, labels=found.labels,
-            attributes=found.attributes, cell_scores=found.cell_scores)
-  return [predictions[i] for i in sorted(predictions)]
+        if meta['example_valid'][d, b]:
+          raw[int(meta['index'][d, b])] = ({k: v[d, b] for k, v in outputs.items()}, float(meta['scale'][d, b]),
+                                           meta['original_size'][d, b])
+  order = sorted(raw)
+  cell_class_logits = [postprocess.cell_classifier_logits(raw[i][0], config.eval.class_scores) for i in order]
+  mode = class_context.mode_of(config)
+  if mode != 'none':
+    if class_counts is None:
+      class_counts = input_pipeline.count_classes_by_type(builder, config.dataset.train_split)[:2]
+    patients = input_pipeline.split_patients(builder, split)
+    cell_class_logits, alone = class_context.in_context(
+        cell_class_logits, [raw[i][0]['logits'] for i in order], [patients[i] for i in order], mode,
+        class_context.type_mix(*class_counts))
+    if alone:
+      logging.warning('eval.class_context=patient: %d of %d images of %s name no patient; each is its own film',
+                      alone, len(order), split)
+  predictions = []
+  for index, cell_logits in zip(order, cell_class_logits):
+    outputs, scale, original_size = raw[index]
+    found = postprocess.to_detections(
+        outputs['logits'], outputs['boxes'], outputs['attribute_logits'], config.image_size, scale, original_size,
+        config.eval.max_detections, config.eval.score_threshold, config.eval.nms_iou_threshold, cell_logits,
+        offsets)
+    predictions.append(metrics_lib.ImagePrediction(
+        image_id=str(index), boxes=found.boxes, scores=found.scores, labels=found.labels,
+        attributes=found.attributes, cell_scores=found.cell_scores))
+  return predictions
 
 
-def evaluate_split(model, state, builder, split, config, attribute_counts=None) -> metrics_lib.EvaluationResult:
+def evaluate_split(model, state, builder, split, config, attribute_counts=None,
+                   class_counts=None) -> metrics_lib.EvaluationResult:
   truths = ground_truth(builder, split)
-  predictions = predict_split(model, state, builder, split, config, attribute_counts)
+  predictions = predict_split(model, state, builder, split, config, attribute_counts, class_counts)
   if len(predictions) != len(truths):
     raise RuntimeError(f'evaluation lost images: {len(truths)} in {split}, {len(predictions)} predicted')
   return score_predictions(truths, predictions, input_pipeline.dataset_info(builder).class_names, config)
@@ -139,8 +159,9 @@ def score_predictions(truths, predictions, class_names, config) -> metrics_lib.E
   result = metrics_lib.evaluate_full(truths, predictions, class_names, lld_format.ATTRIBUTE_NAMES,
                                      attribute_score_threshold=config.eval.attribute_score_threshold,
                                      max_dets=max_dets(config))
-  # The rule the attribute values were decided by: two runs' attribute F1s compare only under the same rule.
+  # The rules the attribute values and the classes were decided by: two runs compare only under the same rules.
   result.metrics['attributes/logit_adjustment'] = attribute_logit_adjustment(config)
+  result.metrics['class_context'] = class_context.mode_of(config)
   return result
 
 

@@ -216,6 +216,35 @@ def count_attribute_values(builder, split) -> np.ndarray:
   return counts.numpy()
 
 
+def count_classes_by_type(builder, split):
+  """How many annotated cells of each class the `split`'s fields of each leukemia type hold, read without decoding
+  images: (counts [T, K], the T type names, how many fields have no known type and were not counted)."""
+  features = builder.info.features
+  if 'leukemia_type' not in features:
+    raise ValueError(f'{builder.name}: its fields carry no leukemia type')
+  type_names = [t for t in features['leukemia_type'].names if t != 'unknown']
+  num_classes = features['objects']['label'].num_classes
+  skip = {'image': tfds.decode.SkipDecoding(), 'annotation_mask': tfds.decode.SkipDecoding()}
+  counts = np.zeros((len(type_names), num_classes), np.int64)
+  unknown = 0
+  for example in builder.as_dataset(split=split, decoders=skip).as_numpy_iterator():
+    name = features['leukemia_type'].int2str(int(example['leukemia_type']))
+    if name == 'unknown':
+      unknown += 1
+      continue
+    np.add.at(counts[type_names.index(name)], example['objects']['label'].astype(np.int64), 1)
+  return counts, tuple(type_names), unknown
+
+
+def split_patients(builder, split) -> list[str]:
+  """Each example's patient id ('' when its name gave none), in the order of `eval_dataset`'s indices."""
+  if 'patient' not in builder.info.features:
+    raise ValueError(f'{builder.name}: its fields carry no patient id')
+  skip = {'image': tfds.decode.SkipDecoding(), 'annotation_mask': tfds.decode.SkipDecoding()}
+  return [e['patient'].decode() for e in builder.as_dataset(split=split, shuffle_files=False, decoders=skip)
+          .as_numpy_iterator()]
+
+
 def train_dataset(builder, split, config, num_devices, seed, start_batch=0,
                   skip_images_without_region=False) -> tf.data.Dataset:
   """Endless, shuffled, augmented batches [num_devices, per_device_batch, ...]; sharded per process.

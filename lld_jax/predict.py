@@ -12,7 +12,9 @@ right) and the boxes are mapped back to the original pixels. Writes
                        class), cell_score (that a cell is there), attributes {name: value}, attribute_scores
                        (left out for a model trained without attributes, `loss.attribute_weight` 0); each
                        value decided as in evaluation (`eval.attribute_logit_adjustment`, with the training
-                       counts in DIR/attribute_counts.json), its score the model's probability of that value
+                       counts in DIR/attribute_counts.json), its score the model's probability of that value;
+                       with `eval.class_context`, the class also reads the other cells of the image or of the
+                       images of the same patient (LLD names, DIR/class_context.json), as in evaluation
   OUT/images.json      {image_id: {file_name, width, height}}
   OUT/skipped.json     [{file, reason}] for unreadable or non-image files (also one stderr line each)
   OUT/overlays/<stem>.png  the image (upscaled to >= 1024 px) with numbered boxes, and a legend panel listing
@@ -403,6 +405,8 @@ class _Item:
   canvas: np.ndarray
   mask: np.ndarray
   scale: float
+  height: int
+  width: int
 
 
 def _attribute_offsets(config, workdir):
@@ -422,6 +426,21 @@ def _attribute_offsets(config, workdir):
   return evaluate.attribute_logit_offsets(config, counts), f'logit adjustment {strength:g} by the training prior'
 
 
+def _class_context(config, workdir, class_names):
+  """(the type mix for `class_context.in_context` or None, the rule in words) from the run's training counts
+  (DIR/class_context.json) and `eval.class_context`, as `lld_jax.evaluate` decides."""
+  from lld_jax import class_context
+  mode = class_context.mode_of(config)
+  if mode == 'none':
+    return None, 'each cell alone'
+  path = os.path.join(workdir, class_context.COUNTS_FILE)
+  if not os.path.exists(path):
+    print(f'warning: {path} does not exist (a run from before it was written): each cell is classified alone, not '
+          f'in its {mode}\'s context as eval.class_context={mode} asks', file=sys.stderr)
+    return None, f'each cell alone ({class_context.COUNTS_FILE} missing)'
+  return class_context.type_mix(*class_context.read_counts(path, class_names)), f'in the context of its {mode}'
+
+
 def _load_items(paths, names, image_size, skipped):
   for image_id, (path, name) in enumerate(zip(paths, names)):
     try:
@@ -434,7 +453,7 @@ def _load_items(paths, names, image_size, skipped):
       print(f'skipped {path}: {reason}', file=sys.stderr)
       skipped.append({'image_id': image_id, 'file': path, 'reason': reason})
       continue
-    yield _Item(image_id, path, name, image, canvas, mask, scale)
+    yield _Item(image_id, path, name, image, canvas, mask, scale, *image.shape[:2])
 
 
 def _batches(items, size):
@@ -462,7 +481,8 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   """Predicts on `images` (file, directory or glob) with the model in `workdir`; writes OUT (see module doc).
 
   Returns a summary: num_inputs, num_images (processed), num_detections, skipped [{image_id, file, reason}],
-  attribute_decisions (how the attribute values were chosen, in words),
+  attribute_decisions (how the attribute values were chosen, in words), class_decisions (whether each cell was
+  classified alone or in its field's or film's context, in words),
   class_names, overlays [paths] and detections_path, images_path, skipped_path."""
   import jax
   from lld_jax import sharding
@@ -492,9 +512,12 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   p_predict = jax.pmap(functools.partial(train.predict_step, model=model), axis_name=train.AXIS)
   replicated = sharding.replicate(variables)
 
+  context_mix, context_rule = (_class_context(config, workdir, class_names) if score_rule == 'cell_classifier'
+                               else (None, 'each cell alone'))
   os.makedirs(out, exist_ok=True)
   overlay_dir = os.path.join(out, 'overlays')
   skipped, results, image_table, overlay_paths = [], [], {}, []
+  done = []  # (item without its pixels, its outputs): the class context reads the other fields of a film first
   for batch in _batches(_load_items(paths, names, image_size, skipped), global_batch):
     stacked = {'image': np.stack([b.canvas for b in batch]), 'image_mask': np.stack([b.mask for b in batch]),
                'scale': np.array([b.scale for b in batch], np.float32)}
@@ -503,22 +526,33 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
               for k, v in stacked.items()}
     outputs = jax.device_get(p_predict(replicated, sharding.shard(inputs)))
     outputs = {k: np.asarray(v).reshape(global_batch, *v.shape[2:]) for k, v in outputs.items()}
-    cell_class_logits = postprocess.cell_classifier_logits(outputs, score_rule)
     for i, item in enumerate(batch):
-      height, width = item.image.shape[:2]
-      found = postprocess.one_per_cell(postprocess.to_detections(
-          outputs['logits'][i], outputs['boxes'][i], outputs['attribute_logits'][i], image_size, item.scale,
-          (height, width), max_detections, 0.0, nms_iou_threshold,
-          None if cell_class_logits is None else cell_class_logits[i], attribute_offsets), score_threshold,
-          nms_iou_threshold)
-      records = detection_records(found, item.image_id, item.file_name, class_names, with_attributes)
-      results.extend(records)
-      image_table[str(item.image_id)] = {'file_name': item.file_name, 'width': int(width), 'height': int(height)}
-      if overlays:
-        title = f'{item.file_name}: {len(records)} cell{"s" if len(records) != 1 else ""} (cell score >= ' \
-                f'{score_threshold:g})'
-        overlay_paths.append(draw_overlay(item.image, records, class_names,
-                                          os.path.join(overlay_dir, overlay_names[item.image_id]), title=title))
+      pixels_dropped = dataclasses.replace(item, canvas=None, mask=None, image=None)
+      done.append((pixels_dropped, {k: v[i] for k, v in outputs.items()}))
+  cell_class_logits = [postprocess.cell_classifier_logits(o, score_rule) for _, o in done]
+  if context_mix is not None:
+    from lld_jax import class_context
+    mode = class_context.mode_of(config)
+    cell_class_logits, alone = class_context.in_context(
+        cell_class_logits, [o['logits'] for _, o in done], [class_context.patient_of(i.file_name) for i, _ in done],
+        mode, context_mix)
+    if alone:
+      print(f'warning: eval.class_context=patient: {alone} of {len(done)} images name no patient '
+            f'({{patient}}_{{image}}_{{mag}}_{{type}}); each is its own film', file=sys.stderr)
+  for (item, outputs), cell_logits in zip(done, cell_class_logits):
+    found = postprocess.one_per_cell(postprocess.to_detections(
+        outputs['logits'], outputs['boxes'], outputs['attribute_logits'], image_size, item.scale,
+        (item.height, item.width), max_detections, 0.0, nms_iou_threshold, cell_logits, attribute_offsets),
+        score_threshold, nms_iou_threshold)
+    records = detection_records(found, item.image_id, item.file_name, class_names, with_attributes)
+    results.extend(records)
+    image_table[str(item.image_id)] = {'file_name': item.file_name, 'width': int(item.width),
+                                       'height': int(item.height)}
+    if overlays:
+      title = f'{item.file_name}: {len(records)} cell{"s" if len(records) != 1 else ""} (cell score >= ' \
+              f'{score_threshold:g})'
+      overlay_paths.append(draw_overlay(load_image(item.path), records, class_names,
+                                        os.path.join(overlay_dir, overlay_names[item.image_id]), title=title))
 
   written = {}
   for name, value in (('detections', results), ('images', image_table), ('skipped', skipped)):
@@ -526,7 +560,8 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
     with open(written[f'{name}_path'], 'w') as f:
       json.dump(value, f, indent=1)
   return {'num_inputs': len(paths), 'num_images': len(image_table), 'num_detections': len(results),
-          'skipped': skipped, 'attribute_decisions': attribute_rule, 'class_names': list(class_names),
+          'skipped': skipped, 'attribute_decisions': attribute_rule, 'class_decisions': context_rule,
+          'class_names': list(class_names),
           'overlays': overlay_paths, **written}
 
 

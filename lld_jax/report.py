@@ -40,13 +40,15 @@ def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
 
 
 def _fmt(value):
-  return '—' if value is None else f'{value:.3f}'
+  if value is None:
+    return '—'
+  return value if isinstance(value, str) else f'{value:.3f}'
 
 
 def metrics_section(metrics) -> list[str]:
   lines = ['| metric | value |', '|---|---|']
   for key in ('mAP50', 'mAP50_95', 'cells/AP50', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper',
-              'attributes/logit_adjustment', 'num_images', 'num_truths'):
+              'attributes/logit_adjustment', 'class_context', 'num_images', 'num_truths'):
     if key in metrics:
       lines.append(f'| {key} | {_fmt(metrics[key])} |')
   lines += ['', '| attribute | strict acc | strict F1 | paper acc | paper F1 |', '|---|---|---|---|---|']

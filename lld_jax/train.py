@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from lld_jax import cell_crops
 from lld_jax import cell_head_warmup
+from lld_jax import class_context
 from lld_jax import input_pipeline
 from lld_jax import sharding
 from lld_jax.train_step import AXIS
@@ -212,6 +213,26 @@ def training_attribute_counts(builder, config, workdir, resumed):
   return counts
 
 
+def training_class_counts(builder, config, workdir, resumed):
+  """(counts [T, K], type names): the training cells of each leukemia type, by which evaluation and prediction put
+  each cell in its film's context (`eval.class_context`; None when it is off). Written to
+  WORKDIR/class_context.json for `lld_jax.predict`; a resumed run reads them back there."""
+  if class_context.mode_of(config) == 'none':
+    return None
+  class_names = input_pipeline.dataset_info(builder).class_names
+  path = os.path.join(workdir, class_context.COUNTS_FILE)
+  if resumed and os.path.exists(path):
+    return class_context.read_counts(path, class_names)
+  counts, types, unknown = input_pipeline.count_classes_by_type(builder, config.dataset.train_split)
+  if unknown:
+    logging.warning('eval.class_context: %d fields of %s have no leukemia type in their name and are not counted',
+                    unknown, config.dataset.train_split)
+  class_context.type_mix(counts, types)  # fails now, not at the first evaluation, when the types cannot be learnt
+  if jax.process_index() == 0:
+    class_context.write_counts(counts, types, class_names, path)
+  return counts, types
+
+
 def train_and_evaluate(config, workdir, stop_at_step=None):
   """Trains (resuming from `workdir`), evaluates periodically and returns the final host state.
 
@@ -240,6 +261,7 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
   start_step = int(state.step)
   logging.info('starting at step %d of %d', start_step, config.total_steps)
   attribute_counts = training_attribute_counts(builder, config, workdir, resumed=start_step > 0)
+  class_counts = training_class_counts(builder, config, workdir, resumed=start_step > 0)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in flatten_config(config).items()})
@@ -340,8 +362,9 @@ def train_and_evaluate(config, workdir, stop_at_step=None):
       from lld_jax import evaluate  # evaluation pulls in pycocotools and matplotlib
       with progress.timed('eval'):
         result = evaluate.evaluate_split(model, sharding.unreplicate(replicated), builder,
-                                         config.dataset.eval_split, config, attribute_counts)
-      scalars = {f'eval/{k}': v for k, v in result.metrics.items() if np.isscalar(v) and np.isfinite(v)}
+                                         config.dataset.eval_split, config, attribute_counts, class_counts)
+      scalars = {f'eval/{k}': v for k, v in result.metrics.items()
+                 if isinstance(v, (int, float, np.number)) and np.isfinite(v)}
       writer.write_scalars(step, scalars)
       if is_last:  # what `lld_jax.evaluate` would write for this split, without evaluating twice
         evaluate.write_evaluation(result, os.path.join(workdir, 'eval', config.dataset.eval_split))

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from lld_jax import class_context
 from lld_jax import evaluate
 from lld_jax import input_pipeline
 from lld_jax import train
@@ -58,6 +59,13 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   np.testing.assert_array_equal(
       evaluate.read_attribute_counts(os.path.join(interrupted_dir, evaluate.ATTRIBUTE_COUNTS_FILE)),
       input_pipeline.count_attribute_values(builder, 'train'))
+  # The classes were read in their films' context, with the training split's counts per leukemia type.
+  assert metrics['class_context'] == config.eval.class_context == 'patient'
+  counts, types = class_context.read_counts(os.path.join(interrupted_dir, class_context.COUNTS_FILE),
+                                            input_pipeline.dataset_info(builder).class_names)
+  expected_counts, expected_types, unknown = input_pipeline.count_classes_by_type(builder, 'train')
+  np.testing.assert_array_equal(counts, expected_counts)
+  assert types == expected_types and unknown == 0
   for key in ('mAP50', 'mAP50_95', 'attributes/mean_f1_strict', 'attributes/mean_f1_paper',
               'domains/H_100x_C1/mAP50'):
     assert key in metrics
@@ -73,6 +81,7 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   summary = predict.run(interrupted_dir, str(images[0]), str(tmp_path / 'predict'), score_threshold=0.0)
   assert os.path.exists(tmp_path / 'predict' / 'detections.json')
   assert summary['attribute_decisions'] == 'logit adjustment 1 by the training prior'
+  assert summary['class_decisions'] == 'in the context of its patient'
 
   from lld_jax import report
   report_path = report.write_report(interrupted_dir, str(tmp_path / 'report.md'), str(tmp_path / 'predict'))
@@ -80,6 +89,7 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
     text = f.read()
   assert '## Metrics (test split)' in text and 'training_curves.png' in text and 'overlay_' in text
   assert '| attributes/logit_adjustment | 1.000 |' in text
+  assert '| class_context | patient |' in text
 
 
 def test_training_attribute_counts_read_back_on_resume_and_skipped_when_off(tiny_download, tmp_path):
@@ -101,6 +111,34 @@ def test_training_attribute_counts_read_back_on_resume_and_skipped_when_off(tiny
   off.mkdir()
   assert train.training_attribute_counts(builder, config, str(off), False) is None
   assert not (off / evaluate.ATTRIBUTE_COUNTS_FILE).exists()
+
+
+def test_training_class_counts_per_type_read_back_on_resume_and_skipped_when_off(tiny_download, tmp_path):
+  import tensorflow_datasets as tfds
+  config = tiny_config(tiny_download)
+  builder = input_pipeline.load_builder('lld', 'full', config.dataset.data_dir, config.dataset.manual_dir)
+  type_feature = builder.info.features['leukemia_type']
+  expected = {}
+  for example in tfds.as_numpy(builder.as_dataset(split='train')):
+    row = expected.setdefault(type_feature.int2str(int(example['leukemia_type'])), np.zeros(14, np.int64))
+    np.add.at(row, example['objects']['label'], 1)
+  counts, types = train.training_class_counts(builder, config, str(tmp_path), False)
+  assert len(expected) >= 2 and 'unknown' not in expected
+  for name, row in zip(types, counts):
+    np.testing.assert_array_equal(row, expected.get(name, np.zeros(14, np.int64)))
+  class_names = input_pipeline.dataset_info(builder).class_names
+  written, written_types = class_context.read_counts(str(tmp_path / class_context.COUNTS_FILE), class_names)
+  np.testing.assert_array_equal(written, counts)
+  marked = counts.copy()
+  marked[0, 0] += 1000
+  class_context.write_counts(marked, types, class_names, str(tmp_path / class_context.COUNTS_FILE))
+  # A resumed run uses what its first start wrote.
+  np.testing.assert_array_equal(train.training_class_counts(builder, config, str(tmp_path), True)[0], marked)
+  config.eval.class_context = 'none'
+  off = tmp_path / 'off'
+  off.mkdir()
+  assert train.training_class_counts(builder, config, str(off), False) is None
+  assert not (off / class_context.COUNTS_FILE).exists()
 
 
 def test_config_overrides():
