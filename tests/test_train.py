@@ -92,6 +92,23 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   assert '| class_context | patient |' in text
 
 
+def test_a_finished_run_launched_again_compiles_nothing_and_keeps_its_state(tiny_download, uninterrupted_run,
+                                                                            tmp_path, monkeypatch):
+  import shutil
+  from lld_jax import sharding
+  workdir, finished = uninterrupted_run
+  again_dir = tmp_path / 'again'
+  shutil.copytree(workdir, again_dir)
+
+  def no_compiling(*args, **kwargs):
+    raise AssertionError('a finished run compiled its train step')
+
+  monkeypatch.setattr(sharding, 'shapes_on_devices', no_compiling)
+  state = train.train_and_evaluate(tiny_config(tiny_download), str(again_dir))
+  assert int(state.step) == TOTAL_STEPS
+  assert _leaves_equal(state.params, finished.params)
+
+
 def test_training_attribute_counts_read_back_on_resume_and_skipped_when_off(tiny_download, tmp_path):
   config = tiny_config(tiny_download)
   builder = input_pipeline.load_builder('lld', 'full', config.dataset.data_dir, config.dataset.manual_dir)
