@@ -8,14 +8,15 @@ r"""The demo: a small detector on the synthetic LLD download, on a CPU in minute
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
 The download holds LLD's 48 patients: 36 train with 15 fields each (three times session 21's training cells:
 mAP50 +0.05 and level on two seeds, better naming on both), 12 test with 5 fields each (120 test fields).
-Expected on the 2-core AMD EPYC (Zen 3) of sessions 25-26: 2.5 minutes to set up, generate and build, 1.5 minutes
-of the cell heads' warm-up (the train step compiles beside it), then 1.1-1.4 steps/s, about 9 minutes of
-training, 14 min 42 s in all from a fresh clone (no room to spare: without the attribute branches, about 85 s
-less); test mAP50 0.757, mAP50:95 0.552, strict attribute F1 0.775 (paper 0.773; cell size 0.89), cells AP50
-0.873 (docs/results.md, session 26; seed 1: mAP50 0.767, F1 0.779). Seeds and small code changes move the
-mAP50 by about 0.05 (0.719-0.767 over sessions 25-26's runs, 0.690-0.757 over session 23's three seeds). The
-Intel Xeon of sessions 19-24 ran 1.4-1.6 steps/s (12 min 49 s from a fresh clone without the branches, session
-23); the CPUs of earlier sessions ran 0.75-0.85 (sessions 1-9) and 2.6-2.8 steps/s (10-18, at 256 px); on the
+Expected on the 2-core AMD EPYC (Zen 3) of sessions 25-27: 2.5 minutes to set up, generate and build, 2 minutes
+of the cell heads' warm-up (the train step compiles beside it), then 1.2-1.4 steps/s, about 8 minutes of
+training, 14-15 minutes in all from a fresh clone (14 min 12 s in session 27, 14 min 42 s for the same training in
+session 26: little room to spare; without the attribute branches, about 85 s less); test mAP50 0.784, mAP50:95
+0.573, strict attribute F1 0.772 (paper 0.772; cell size 0.89), cells AP50 0.888 (docs/results.md, session 27;
+each cell alone, `--config.eval.class_context=none`: mAP50 0.757, F1 0.775). Seeds and small code changes move the
+mAP50 by about 0.05 (0.719-0.767 with each cell alone over sessions 25-26's runs, 0.690-0.757 over session 23's
+three seeds). The Intel Xeon of sessions 19-24 ran 1.4-1.6 steps/s (12 min 49 s from a fresh clone without the
+branches, session 23); the CPUs of earlier sessions ran 0.75-0.85 (sessions 1-9) and 2.6-2.8 steps/s (10-18, at 256 px); on the
 slowest, these 620 steps and the warm-up would take about 20 minutes in all.
 The issue's quality targets (mAP50 0.90, F1 0.85) are missed. The demo finds its cells better than it names
 them: with the names of the true cells they overlap, its detections would score mAP50 0.89-0.92
@@ -82,8 +83,9 @@ def get_config():
   c.model.denoising_groups = 4
   c.eval.class_scores = 'cell_classifier'
   # Each cell's class also reads the other cells of its patient's test fields, through the leukemia types' class
-  # mixes of the training split (lld_jax.class_context): mAP50 +0.027 / +0.019 on seeds 0 / 1 of session 26's runs,
-  # +0.016 / +0.004 reading only its own field; +0.027 / +0.019 also when the true types are given (session 27).
+  # mixes of the training split (lld_jax.class_context): mAP50 +0.009 to +0.030 (mean +0.023) on seven checkpoints of
+  # sessions 25-26, reading only its own field -0.011 to +0.016; given the true types instead, the same as the
+  # context on the demo's two seeds (session 27).
   c.eval.class_context = 'patient'
   c.optimizer.learning_rate = 1e-3  # 5e-4 found the cells less well in 540 steps (session 19, two seeds)
   c.optimizer.backbone_lr_factor = 1.0  # trained from scratch

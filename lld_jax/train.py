@@ -227,7 +227,11 @@ def training_class_counts(builder, config, workdir, resumed):
   if unknown:
     logging.warning('eval.class_context: %d fields of %s have no leukemia type in their name and are not counted',
                     unknown, config.dataset.train_split)
-  class_context.type_mix(counts, types)  # fails now, not at the first evaluation, when the types cannot be learnt
+  try:  # fail now, not at the first evaluation, when the types cannot be learnt
+    class_context.type_mix(counts, types)
+  except ValueError as error:
+    raise ValueError(f'eval.class_context={class_context.mode_of(config)} on {config.dataset.train_split} of '
+                     f'{builder.name}: {error}; eval.class_context=none classifies each cell alone') from None
   if jax.process_index() == 0:
     class_context.write_counts(counts, types, class_names, path)
   return counts, types

@@ -130,7 +130,8 @@ def test_training_attribute_counts_read_back_on_resume_and_skipped_when_off(tiny
   assert not (off / evaluate.ATTRIBUTE_COUNTS_FILE).exists()
 
 
-def test_training_class_counts_per_type_read_back_on_resume_and_skipped_when_off(tiny_download, tmp_path):
+def test_training_class_counts_per_type_read_back_on_resume_and_skipped_when_off(tiny_download, tmp_path,
+                                                                                 monkeypatch):
   import tensorflow_datasets as tfds
   config = tiny_config(tiny_download)
   builder = input_pipeline.load_builder('lld', 'full', config.dataset.data_dir, config.dataset.manual_dir)
@@ -151,6 +152,12 @@ def test_training_class_counts_per_type_read_back_on_resume_and_skipped_when_off
   class_context.write_counts(marked, types, class_names, str(tmp_path / class_context.COUNTS_FILE))
   # A resumed run uses what its first start wrote.
   np.testing.assert_array_equal(train.training_class_counts(builder, config, str(tmp_path), True)[0], marked)
+  one_type = tmp_path / 'one_type'
+  one_type.mkdir()
+  monkeypatch.setattr(input_pipeline, 'count_classes_by_type', lambda *args: (counts[:1], types[:1], 0))
+  with pytest.raises(ValueError, match='eval.class_context=patient on train of lld: .*at least two leukemia types.*'
+                                       'eval.class_context=none classifies each cell alone'):
+    train.training_class_counts(builder, config, str(one_type), False)
   config.eval.class_context = 'none'
   off = tmp_path / 'off'
   off.mkdir()
