@@ -16,8 +16,8 @@ session 26: little room to spare; without the attribute branches, about 85 s les
 each cell alone, `--config.eval.class_context=none`: mAP50 0.757, F1 0.775). Seeds and small code changes move the
 mAP50 by about 0.05 (0.719-0.767 with each cell alone over sessions 25-26's runs, 0.690-0.757 over session 23's
 three seeds). The Intel Xeon of sessions 19-24 ran 1.4-1.6 steps/s (12 min 49 s from a fresh clone without the
-branches, session 23); the CPUs of earlier sessions ran 0.75-0.85 (sessions 1-9) and 2.6-2.8 steps/s (10-18, at 256 px); on the
-slowest, these 620 steps and the warm-up would take about 20 minutes in all.
+branches, session 23); the CPUs of earlier sessions ran 0.75-0.85 (sessions 1-9) and 2.6-2.8 steps/s (10-18, at
+256 px); on the slowest, these 620 steps and the warm-up would take about 20 minutes in all.
 The issue's quality targets (mAP50 0.90, F1 0.85) are missed. The demo finds its cells better than it names
 them: with the names of the true cells they overlap, its detections would score mAP50 0.89-0.92
 (`scripts/naming_ceiling.py`). A crop classifier given the true boxes reaches 0.96 / 0.91 when it learns from 112
