@@ -12,8 +12,8 @@ import json
 import os
 
 from absl import app
-from absl import logging
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 import numpy as np

@@ -512,8 +512,7 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   p_predict = jax.pmap(functools.partial(train.predict_step, model=model), axis_name=train.AXIS)
   replicated = sharding.replicate(variables)
 
-  context_mix, context_rule = (_class_context(config, workdir, class_names) if score_rule == 'cell_classifier'
-                               else (None, 'each cell alone'))
+  context_mix, context_rule = _class_context(config, workdir, class_names)
   os.makedirs(out, exist_ok=True)
   overlay_dir = os.path.join(out, 'overlays')
   skipped, results, image_table, overlay_paths = [], [], {}, []
