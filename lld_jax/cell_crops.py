@@ -38,6 +38,7 @@ class CellCropPool:
   attributes: np.ndarray | None = None  # [N, A] int32 attribute values (-1: not applicable)
   box_pixels: np.ndarray | None = None  # [N, 2] float32 each cell's width and height in its image's own pixels
   max_shift: int | None = None  # the largest shift `sample` draws, in pixels (None: the whole context)
+  draw_probabilities: np.ndarray | None = None  # [N] how likely `sample` draws each cell (None: all alike)
 
   @property
   def shift(self):
@@ -91,9 +92,22 @@ def build_pool(builder, split, config) -> CellCropPool:
                       min(int(round(shift_fraction * crop_size)), shift))
   if not len(pool.labels):
     raise ValueError(f'cell_crop_batch_size={config.cell_crop_batch_size}: the {split} split has no annotated cell')
+  pool.draw_probabilities = class_balanced_probabilities(pool.labels, config.cell_crop_class_balance)
   logging.info('cell crop pool: %d cells of %s (%d left out: fields with more than max_objects=%d cells)',
                len(pool.labels), split, truncated, config.max_objects)
   return pool
+
+
+def class_balanced_probabilities(labels, balance):
+  """[N] the probability of drawing each cell: proportional to (its class's share of `labels`) ** -balance; None
+  for 0 (every cell alike)."""
+  if not 0 <= balance <= 1:
+    raise ValueError(f'cell_crop_class_balance={balance}: expected 0 (the split\'s mix) to 1 (every class alike)')
+  if not balance:
+    return None
+  counts = np.bincount(labels)
+  weights = (counts[labels] / len(labels)) ** -float(balance)
+  return weights / weights.sum()
 
 
 def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True, stream=0):
@@ -102,7 +116,10 @@ def sample(pool: CellCropPool, step, seed, num_devices, per_device, augment=True
   draws other crops for the same step (the training steps draw stream 0)."""
   rng = np.random.default_rng([seed, jax.process_index(), step] + ([stream] if stream else []))
   count = num_devices * per_device
-  index = rng.integers(0, len(pool.labels), count)
+  if pool.draw_probabilities is None:
+    index = rng.integers(0, len(pool.labels), count)
+  else:
+    index = rng.choice(len(pool.labels), count, p=pool.draw_probabilities)
   shift, size = pool.shift, pool.crop_size
   max_shift = shift if pool.max_shift is None else pool.max_shift
   dy, dx = (rng.integers(shift - max_shift, shift + max_shift + 1, (2, count)) if augment

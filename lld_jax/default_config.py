@@ -23,6 +23,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Steps of those crops (cell_crop_batch_size per device) that train the cell classifier alone before the
   # detector's first step (lld_jax.cell_head_warmup). 0: none.
   c.cell_crop_warmup_steps = 0
+  # How the crops are drawn across classes: each cell with weight (its class's share of the pool) ** -this. 0: every
+  # cell alike (the classes as often as in the split); 0.5: a class's share goes with the square root of its count;
+  # 1: every class alike.
+  c.cell_crop_class_balance = 0.0
   c.shuffle_buffer = 512
 
   c.dataset = ml_collections.ConfigDict()

@@ -143,3 +143,22 @@ def test_shift_beyond_the_pools_context_is_refused():
   config.augment.cell_crop_shift = 0.2
   with pytest.raises(ValueError, match='augment.cell_crop_shift=0.2'):
     cell_crops.build_pool(None, 'train', config)
+
+
+@pytest.mark.parametrize('balance, expected_share', [(0.0, 0.1), (0.5, 1 / 4), (1.0, 0.5)])
+def test_class_balance_draws_a_rare_class_as_configured(balance, expected_share):
+  # 90 cells of class 0, 10 of class 1: shares drawn go with count ** (1 - balance).
+  labels = np.array([0] * 90 + [1] * 10, np.int32)
+  crops = np.zeros((len(labels), 10, 10, 3), np.uint8)
+  pool = cell_crops.CellCropPool(crops, labels, 8, num_truncated=0,
+                                 draw_probabilities=cell_crops.class_balanced_probabilities(labels, balance))
+  drawn = np.concatenate([cell_crops.sample(pool, step, seed=0, num_devices=1, per_device=100)['cell_crop_labels']
+                          for step in range(40)])
+  assert abs((drawn == 1).mean() - expected_share) < 0.03
+  if balance:  # within a class, every cell alike
+    np.testing.assert_allclose(pool.draw_probabilities[labels == 1], pool.draw_probabilities[90])
+
+
+def test_class_balance_outside_zero_to_one_is_refused():
+  with pytest.raises(ValueError, match='cell_crop_class_balance=1.5'):
+    cell_crops.class_balanced_probabilities(np.array([0, 1]), 1.5)
