@@ -339,3 +339,44 @@ def test_config_saved_before_flip_averaging_builds_the_model_as_trained(tmp_path
   flipping = tiny_config()
   flipping.model.cell_class_flips = True
   assert train.create_model(flipping, lld_format.NUM_CLASSES).cell_class_flips is True
+
+
+def test_classes_decided_in_the_films_context_with_the_runs_counts(tmp_path, capsys):
+  """A run with a cell classifier and eval.class_context=patient: predict reads DIR/class_context.json. With
+  training counts of two types that hold only lymphoblasts and only myeloblasts, the untrained model's near-even
+  classes become one of those two; an image whose name gives no patient is its own film, and says so."""
+  from lld_jax import class_context
+  config = tiny_config()
+  config.model.cell_crop_size = 8
+  config.model.cell_class_refinement = True
+  config.eval.class_scores = 'cell_classifier'
+  config.eval.class_context = 'patient'
+  run = tmp_path / 'run'
+  model = train.create_model(config, lld_format.NUM_CLASSES)
+  abstract = jax.eval_shape(lambda r: train.create_train_state(model, config, r)[0], jax.random.PRNGKey(0))
+  rng = np.random.default_rng(5)
+  state = jax.tree_util.tree_map_with_path(lambda path, leaf: _fill(path, leaf, rng), abstract)
+  latest, _ = train.checkpoint_managers(run, config)
+  latest.save(0, args=ocp.args.StandardSave(state))
+  latest.wait_until_finished()
+  (run / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  images = tmp_path / 'images'
+  images.mkdir()
+  for name in ('7_1_1000_AML.png', '7_2_1000_AML.png', 'smear.png'):
+    Image.fromarray(rng.integers(0, 256, (120, 200, 3), np.uint8)).save(images / name)
+
+  alone = predict.run(run, str(images), str(tmp_path / 'alone'), score_threshold=0.0)
+  assert alone['class_decisions'] == f'each cell alone ({class_context.COUNTS_FILE} missing)'
+  classes_alone = {d['category_name'] for d in json.loads((tmp_path / 'alone' / 'detections.json').read_text())}
+  assert classes_alone - {'Lymphoblast', 'Myeloblast'}
+
+  counts = np.zeros((2, lld_format.NUM_CLASSES), np.int64)
+  counts[0, lld_format.CLASS_NAMES.index('Lymphoblast')] = 10**6
+  counts[1, lld_format.CLASS_NAMES.index('Myeloblast')] = 10**6
+  class_context.write_counts(counts, ('ALL', 'AML'), lld_format.CLASS_NAMES, str(run / class_context.COUNTS_FILE))
+  capsys.readouterr()
+  summary = predict.run(run, str(images), str(tmp_path / 'context'), score_threshold=0.0)
+  assert summary['class_decisions'] == 'in the context of its patient'
+  assert '1 of 3 images name no patient' in capsys.readouterr().err
+  detections = json.loads((tmp_path / 'context' / 'detections.json').read_text())
+  assert detections and {d['category_name'] for d in detections} <= {'Lymphoblast', 'Myeloblast'}
