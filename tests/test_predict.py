@@ -59,14 +59,11 @@ def _fill(path, leaf, rng):
   return (rng.standard_normal(leaf.shape) * 0.05).astype(leaf.dtype)
 
 
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  """A workdir as train.py leaves it: config.json and a step-0 checkpoint."""
-  directory = tmp_path_factory.mktemp('workdir')
-  config = tiny_config()
+def _write_workdir(directory, config, seed):
+  """A workdir as train.py leaves it: config.json and a step-0 checkpoint of stand-in weights."""
   model = train.create_model(config, lld_format.NUM_CLASSES)
   abstract = jax.eval_shape(lambda r: train.create_train_state(model, config, r)[0], jax.random.PRNGKey(0))
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   state = jax.tree_util.tree_map_with_path(lambda path, leaf: _fill(path, leaf, rng), abstract)
   latest, _ = train.checkpoint_managers(directory, config)
   latest.save(0, args=ocp.args.StandardSave(state))
@@ -74,6 +71,11 @@ def workdir(tmp_path_factory):
   with open(directory / 'config.json', 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   return directory
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return _write_workdir(tmp_path_factory.mktemp('workdir'), tiny_config(), seed=0)
 
 
 @pytest.fixture(scope='module')
@@ -352,14 +354,9 @@ def test_classes_decided_in_the_films_context_with_the_runs_counts(tmp_path, cap
   config.eval.class_scores = 'cell_classifier'
   config.eval.class_context = 'patient'
   run = tmp_path / 'run'
-  model = train.create_model(config, lld_format.NUM_CLASSES)
-  abstract = jax.eval_shape(lambda r: train.create_train_state(model, config, r)[0], jax.random.PRNGKey(0))
+  run.mkdir()
+  _write_workdir(run, config, seed=5)
   rng = np.random.default_rng(5)
-  state = jax.tree_util.tree_map_with_path(lambda path, leaf: _fill(path, leaf, rng), abstract)
-  latest, _ = train.checkpoint_managers(run, config)
-  latest.save(0, args=ocp.args.StandardSave(state))
-  latest.wait_until_finished()
-  (run / 'config.json').write_text(config.to_json_best_effort(indent=2))
   images = tmp_path / 'images'
   images.mkdir()
   for name in ('7_1_1000_AML.png', '7_2_1000_AML.png', 'smear.png'):
