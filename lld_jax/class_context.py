@@ -24,6 +24,7 @@ import numpy as np
 from scipy.special import log_softmax
 from scipy.special import logsumexp
 
+from lld_jax import postprocess
 from tfds_lld import lld_format
 
 MODES = ('none', 'field', 'patient')
@@ -95,8 +96,8 @@ def in_context(cell_class_logits, detector_logits, patients, mode, mix: TypeMix)
   """The classifier's log-probabilities with the context, one [Q, K] per image.
 
   cell_class_logits, detector_logits: one [Q, K] per image (the decoder's logits give each query's cell weight,
-  its best sigmoid); patients: each image's patient id ('' when unknown). Returns (the new logits, how many images
-  had no patient to group by)."""
+  `postprocess.cell_scores`); patients: each image's patient id ('' when unknown). Returns (the new logits, how
+  many images had no patient to group by)."""
   keys, alone = group_keys(patients, mode)
   groups = {}
   for index, key in enumerate(keys):
@@ -104,7 +105,7 @@ def in_context(cell_class_logits, detector_logits, patients, mode, mix: TypeMix)
   out = [None] * len(keys)
   for members in groups.values():
     logits = [np.asarray(cell_class_logits[i], np.float64) for i in members]
-    weights = [1.0 / (1.0 + np.exp(-np.asarray(detector_logits[i], np.float64).max(-1))) for i in members]
+    weights = [postprocess.cell_scores(detector_logits[i]) for i in members]
     context = log_weights(np.concatenate(logits), np.concatenate(weights), mix)
     for i, own, extra in zip(members, logits, np.split(context, np.cumsum([len(x) for x in logits])[:-1])):
       out[i] = log_softmax(own, -1) + extra

@@ -199,12 +199,16 @@ def count_images_with_region(builder, split) -> tuple[int, int]:
   return int(counts[0]), int(counts[1])
 
 
+def _without_pixels():
+  """TFDS decoders that leave an example's image and annotation mask as encoded bytes."""
+  return {'image': tfds.decode.SkipDecoding(), 'annotation_mask': tfds.decode.SkipDecoding()}
+
+
 def count_attribute_values(builder, split) -> np.ndarray:
   """[A, V] how many annotated cells of the whole `split` have each value of each attribute (not-applicable values
   are not counted), read without decoding images or masks. Every process reads the whole split, so all get the
   same counts."""
-  skip = {'image': tfds.decode.SkipDecoding(), 'annotation_mask': tfds.decode.SkipDecoding()}
-  ds = builder.as_dataset(split=split, decoders=skip)
+  ds = builder.as_dataset(split=split, decoders=_without_pixels())
   num_attributes, num_values = lld_format.NUM_ATTRIBUTES, max(lld_format.NUM_ATTRIBUTE_VALUES)
 
   def per_example(example):
@@ -224,10 +228,9 @@ def count_classes_by_type(builder, split):
     raise ValueError(f'{builder.name}: its fields carry no leukemia type')
   type_names = [t for t in features['leukemia_type'].names if t != 'unknown']
   num_classes = features['objects']['label'].num_classes
-  skip = {'image': tfds.decode.SkipDecoding(), 'annotation_mask': tfds.decode.SkipDecoding()}
   counts = np.zeros((len(type_names), num_classes), np.int64)
   unknown = 0
-  for example in builder.as_dataset(split=split, decoders=skip).as_numpy_iterator():
+  for example in builder.as_dataset(split=split, decoders=_without_pixels()).as_numpy_iterator():
     name = features['leukemia_type'].int2str(int(example['leukemia_type']))
     if name == 'unknown':
       unknown += 1
@@ -240,9 +243,8 @@ def split_patients(builder, split) -> list[str]:
   """Each example's patient id ('' when its name gave none), in the order of `eval_dataset`'s indices."""
   if 'patient' not in builder.info.features:
     raise ValueError(f'{builder.name}: its fields carry no patient id')
-  skip = {'image': tfds.decode.SkipDecoding(), 'annotation_mask': tfds.decode.SkipDecoding()}
-  return [e['patient'].decode() for e in builder.as_dataset(split=split, shuffle_files=False, decoders=skip)
-          .as_numpy_iterator()]
+  examples = builder.as_dataset(split=split, shuffle_files=False, decoders=_without_pixels())
+  return [example['patient'].decode() for example in examples.as_numpy_iterator()]
 
 
 def train_dataset(builder, split, config, num_devices, seed, start_batch=0,

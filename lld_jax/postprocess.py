@@ -97,6 +97,11 @@ def attribute_values(attribute_logits, offsets=None):
   return (attribute_logits if offsets is None else attribute_logits + offsets).argmax(-1)
 
 
+def cell_scores(logits):
+  """Each query's confidence that it found a cell, whatever its class: its best sigmoid [...] of logits [..., K]."""
+  return _sigmoid(np.asarray(logits, np.float64)).max(-1)
+
+
 def cell_classifier_logits(outputs, rule):
   """The cell classifier's logits [..., Q, K] from a batch of model outputs when `rule` (eval.class_scores)
   asks for them, else None."""
@@ -126,7 +131,7 @@ def to_detections(logits, boxes, attribute_logits, canvas_size, scale, original_
   """
   num_queries, num_classes = logits.shape
   scores = class_scores(logits, cell_class_logits).ravel()
-  query_scores = _sigmoid(logits.astype(np.float64)).max(-1)
+  query_scores = cell_scores(logits)
   top = np.argsort(-scores, kind='stable')
   top = top[scores[top] > score_threshold]
   query, label = np.divmod(top, num_classes)

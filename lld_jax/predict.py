@@ -426,11 +426,10 @@ def _attribute_offsets(config, workdir):
   return evaluate.attribute_logit_offsets(config, counts), f'logit adjustment {strength:g} by the training prior'
 
 
-def _class_context(config, workdir, class_names):
+def _class_context(mode, workdir, class_names):
   """(the type mix for `class_context.in_context` or None, the rule in words) from the run's training counts
-  (DIR/class_context.json) and `eval.class_context`, as `lld_jax.evaluate` decides."""
+  (DIR/class_context.json) and `eval.class_context` (`mode`), as `lld_jax.evaluate` decides."""
   from lld_jax import class_context
-  mode = class_context.mode_of(config)
   if mode == 'none':
     return None, 'each cell alone'
   path = os.path.join(workdir, class_context.COUNTS_FILE)
@@ -512,7 +511,9 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
   p_predict = jax.pmap(functools.partial(train.predict_step, model=model), axis_name=train.AXIS)
   replicated = sharding.replicate(variables)
 
-  context_mix, context_rule = _class_context(config, workdir, class_names)
+  from lld_jax import class_context
+  context_mode = class_context.mode_of(config)
+  context_mix, context_rule = _class_context(context_mode, workdir, class_names)
   os.makedirs(out, exist_ok=True)
   overlay_dir = os.path.join(out, 'overlays')
   skipped, results, image_table, overlay_paths = [], [], {}, []
@@ -530,11 +531,9 @@ def run(workdir, images, out, config=None, score_threshold: float = 0.3, batch_s
       done.append((pixels_dropped, {k: v[i] for k, v in outputs.items()}))
   cell_class_logits = [postprocess.cell_classifier_logits(o, score_rule) for _, o in done]
   if context_mix is not None:
-    from lld_jax import class_context
-    mode = class_context.mode_of(config)
     cell_class_logits, alone = class_context.in_context(
         cell_class_logits, [o['logits'] for _, o in done], [class_context.patient_of(i.file_name) for i, _ in done],
-        mode, context_mix)
+        context_mode, context_mix)
     if alone:
       print(f'warning: eval.class_context=patient: {alone} of {len(done)} images name no patient '
             f'({{patient}}_{{image}}_{{mag}}_{{type}}); each is its own film', file=sys.stderr)

@@ -196,45 +196,54 @@ def should_skip_images_without_region(builder, config, writer, step) -> bool:
   return True
 
 
+def _counted_once(workdir, file_name, resumed, count, write, read):
+  """count() on a fresh start, written to WORKDIR/file_name (by process 0) for `lld_jax.predict`; a resumed run
+  reads it back there instead of reading the whole training split again."""
+  path = os.path.join(workdir, file_name)
+  if resumed and os.path.exists(path):
+    return read(path)
+  counts = count()
+  if jax.process_index() == 0:
+    write(counts, path)
+  return counts
+
+
 def training_attribute_counts(builder, config, workdir, resumed):
   """The training split's attribute counts [A, V], by which evaluation and prediction decide the attribute values
-  (`eval.attribute_logit_adjustment`; None when it is off, and nothing is read). Written to
-  WORKDIR/attribute_counts.json for `lld_jax.predict`; a resumed run reads them back there instead of reading the
-  whole training split again."""
+  (`eval.attribute_logit_adjustment`; None when it is off, and nothing is read), in WORKDIR/attribute_counts.json
+  (`_counted_once`)."""
   from lld_jax import evaluate  # evaluation pulls in pycocotools and matplotlib
   if not evaluate.attribute_logit_adjustment(config):
     return None
-  path = os.path.join(workdir, evaluate.ATTRIBUTE_COUNTS_FILE)
-  if resumed and os.path.exists(path):
-    return evaluate.read_attribute_counts(path)
-  counts = input_pipeline.count_attribute_values(builder, config.dataset.train_split)
-  if jax.process_index() == 0:
-    evaluate.write_attribute_counts(counts, path)
-  return counts
+  return _counted_once(workdir, evaluate.ATTRIBUTE_COUNTS_FILE, resumed,
+                       lambda: input_pipeline.count_attribute_values(builder, config.dataset.train_split),
+                       evaluate.write_attribute_counts, evaluate.read_attribute_counts)
 
 
 def training_class_counts(builder, config, workdir, resumed):
   """(counts [T, K], type names): the training cells of each leukemia type, by which evaluation and prediction put
-  each cell in its film's context (`eval.class_context`; None when it is off). Written to
-  WORKDIR/class_context.json for `lld_jax.predict`; a resumed run reads them back there."""
-  if class_context.mode_of(config) == 'none':
+  each cell in its film's context (`eval.class_context`; None when it is off), in WORKDIR/class_context.json
+  (`_counted_once`)."""
+  mode = class_context.mode_of(config)
+  if mode == 'none':
     return None
   class_names = input_pipeline.dataset_info(builder).class_names
-  path = os.path.join(workdir, class_context.COUNTS_FILE)
-  if resumed and os.path.exists(path):
-    return class_context.read_counts(path, class_names)
-  counts, types, unknown = input_pipeline.count_classes_by_type(builder, config.dataset.train_split)
-  if unknown:
-    logging.warning('eval.class_context: %d fields of %s have no leukemia type in their name and are not counted',
-                    unknown, config.dataset.train_split)
-  try:  # fail now, not at the first evaluation, when the types cannot be learnt
-    class_context.type_mix(counts, types)
-  except ValueError as error:
-    raise ValueError(f'eval.class_context={class_context.mode_of(config)} on {config.dataset.train_split} of '
-                     f'{builder.name}: {error}; eval.class_context=none classifies each cell alone') from None
-  if jax.process_index() == 0:
-    class_context.write_counts(counts, types, class_names, path)
-  return counts, types
+
+  def count():
+    counts, types, unknown = input_pipeline.count_classes_by_type(builder, config.dataset.train_split)
+    if unknown:
+      logging.warning('eval.class_context: %d fields of %s have no leukemia type in their name and are not counted',
+                      unknown, config.dataset.train_split)
+    try:  # fail now, not at the first evaluation, when the types cannot be learnt
+      class_context.type_mix(counts, types)
+    except ValueError as error:
+      raise ValueError(f'eval.class_context={mode} on {config.dataset.train_split} of {builder.name}: {error}; '
+                       f'eval.class_context=none classifies each cell alone') from None
+    return counts, types
+
+  return _counted_once(workdir, class_context.COUNTS_FILE, resumed, count,
+                       lambda value, path: class_context.write_counts(*value, class_names, path),
+                       lambda path: class_context.read_counts(path, class_names))
 
 
 def train_and_evaluate(config, workdir, stop_at_step=None):
