@@ -29,7 +29,8 @@ from tfds_lld import lld_format
 
 
 def ground_truth(builder, split) -> list[metrics_lib.ImageTruth]:
-  """The split's annotations in original pixels, in the same order as `input_pipeline.eval_dataset`."""
+  """The split's annotations in original pixels, in the same order as `input_pipeline.eval_dataset`, with each
+  field's patient where the dataset names one."""
   truths = []
   ds = builder.as_dataset(split=split, shuffle_files=False)
   for index, example in enumerate(tfds.as_numpy(ds)):
@@ -41,7 +42,7 @@ def ground_truth(builder, split) -> list[metrics_lib.ImageTruth]:
         image_id=str(index), domain=example['domain']['subset'].decode(), height=height, width=width,
         boxes=boxes, labels=example['objects']['label'].astype(np.int64),
         attributes=example['objects']['attributes'].reshape(len(boxes), -1).astype(np.int64),
-        annotation_mask=None if mask.all() else mask))
+        annotation_mask=None if mask.all() else mask, patient=example.get('patient', b'').decode()))
   return truths
 
 
@@ -89,17 +90,23 @@ def attribute_logit_offsets(config, attribute_counts):
   return postprocess.attribute_offsets(attribute_counts, lld_format.NUM_ATTRIBUTE_VALUES, strength)
 
 
-def predict_split(model, state, builder, split, config, attribute_counts=None,
-                  class_counts=None) -> list[metrics_lib.ImagePrediction]:
+def predict_split(model, state, builder, split, config, attribute_counts=None, class_counts=None,
+                  patients=None) -> list[metrics_lib.ImagePrediction]:
   """Detections for every image of the split (EMA weights when the config keeps an EMA).
 
   attribute_counts [A, V]: the training split's (`input_pipeline.count_attribute_values`), counted here when not
   given and `eval.attribute_logit_adjustment` needs them; class_counts (counts [T, K], type names): the training
   cells of each leukemia type (`input_pipeline.count_classes_by_type`), counted here when not given and
-  `eval.class_context` needs them."""
+  `eval.class_context` needs them; patients: each image's patient id in the split's order (`ground_truth`'s), which
+  `eval.class_context` needs."""
   if attribute_counts is None and attribute_logit_adjustment(config):
     attribute_counts = input_pipeline.count_attribute_values(builder, config.dataset.train_split)
   offsets = attribute_logit_offsets(config, attribute_counts)
+  mode = class_context.mode_of(config)
+  if mode != 'none' and patients is None:
+    raise ValueError(f'eval.class_context={mode} needs the patient of each image of {split} (evaluate.ground_truth\'s)')
+  if mode == 'patient' and 'patient' not in builder.info.features:
+    raise ValueError(f'eval.class_context=patient: the fields of {builder.name} carry no patient id')
   from lld_jax import train  # the train module owns the step functions and state layout
   variables = train.model_variables(state, use_ema=config.optimizer.ema_decay > 0)
   p_predict = jax.pmap(functools.partial(train.predict_step, model=model), axis_name=train.AXIS)
@@ -117,11 +124,12 @@ def predict_split(model, state, builder, split, config, attribute_counts=None,
                                            meta['original_size'][d, b])
   order = sorted(raw)
   cell_class_logits = [postprocess.cell_classifier_logits(raw[i][0], config.eval.class_scores) for i in order]
-  mode = class_context.mode_of(config)
   if mode != 'none':
+    if len(patients) != len(order):
+      raise ValueError(f'eval.class_context={mode} needs the patient of each of the {len(order)} images of {split}, '
+                       f'got {len(patients)}')
     if class_counts is None:
       class_counts = input_pipeline.count_classes_by_type(builder, config.dataset.train_split)[:2]
-    patients = input_pipeline.split_patients(builder, split)
     cell_class_logits, alone = class_context.in_context(
         cell_class_logits, [raw[i][0]['logits'] for i in order], [patients[i] for i in order], mode,
         class_context.type_mix(*class_counts))
@@ -144,7 +152,8 @@ def predict_split(model, state, builder, split, config, attribute_counts=None,
 def evaluate_split(model, state, builder, split, config, attribute_counts=None,
                    class_counts=None) -> metrics_lib.EvaluationResult:
   truths = ground_truth(builder, split)
-  predictions = predict_split(model, state, builder, split, config, attribute_counts, class_counts)
+  predictions = predict_split(model, state, builder, split, config, attribute_counts, class_counts,
+                              [truth.patient for truth in truths])
   if len(predictions) != len(truths):
     raise RuntimeError(f'evaluation lost images: {len(truths)} in {split}, {len(predictions)} predicted')
   return score_predictions(truths, predictions, input_pipeline.dataset_info(builder).class_names, config)

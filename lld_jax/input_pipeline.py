@@ -239,14 +239,6 @@ def count_classes_by_type(builder, split):
   return counts, tuple(type_names), unknown
 
 
-def split_patients(builder, split) -> list[str]:
-  """Each example's patient id ('' when its name gave none), in the order of `eval_dataset`'s indices."""
-  if 'patient' not in builder.info.features:
-    raise ValueError(f'{builder.name}: its fields carry no patient id')
-  examples = builder.as_dataset(split=split, shuffle_files=False, decoders=_without_pixels())
-  return [example['patient'].decode() for example in examples.as_numpy_iterator()]
-
-
 def train_dataset(builder, split, config, num_devices, seed, start_batch=0,
                   skip_images_without_region=False) -> tf.data.Dataset:
   """Endless, shuffled, augmented batches [num_devices, per_device_batch, ...]; sharded per process.

@@ -53,6 +53,7 @@ class ImageTruth:
   labels: np.ndarray  # [m] int class ids 0..K-1
   attributes: np.ndarray  # [m, A] int, -1 = not applicable
   annotation_mask: np.ndarray | None = None  # [H, W] bool; None = fully annotated
+  patient: str = ''  # the patient the field was taken from ('' when unknown): its film, for `eval.class_context`
 
 
 @dataclasses.dataclass

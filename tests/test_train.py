@@ -72,13 +72,19 @@ def test_train_resume_evaluate_predict(tiny_download, uninterrupted_run, tmp_pat
   # predictions.json holds what was scored: scoring it again gives the same metrics.
   saved = evaluate.read_predictions(os.path.join(interrupted_dir, 'eval', 'test', 'predictions.json'))
   assert [p.image_id for p in saved] == [p.image_id for p in result.predictions]
-  again = evaluate.score_predictions(evaluate.ground_truth(builder, 'test'), saved, result.class_names, config)
+  truths = evaluate.ground_truth(builder, 'test')
+  again = evaluate.score_predictions(truths, saved, result.class_names, config)
   for key in ('mAP50', 'cells/AP50', 'attributes/mean_f1_strict'):
     assert again.metrics[key] == pytest.approx(metrics[key], nan_ok=True)
+  # The films the context grouped by: each field's patient, read in the same pass as its annotations.
+  test_images = sorted((tiny_download / 'download' / 'H_100x_C1' / 'Images' / 'test').glob('*.png'))
+  assert all(truth.patient for truth in truths)
+  assert sorted(truth.patient for truth in truths) == sorted(class_context.patient_of(p.name) for p in test_images)
+  with pytest.raises(ValueError, match='needs the patient of each image of test'):
+    evaluate.predict_split(model, state, builder, 'test', config)
 
   from lld_jax import predict
-  images = sorted((tiny_download / 'download' / 'H_100x_C1' / 'Images' / 'test').glob('*.png'))
-  summary = predict.run(interrupted_dir, str(images[0]), str(tmp_path / 'predict'), score_threshold=0.0)
+  summary = predict.run(interrupted_dir, str(test_images[0]), str(tmp_path / 'predict'), score_threshold=0.0)
   assert os.path.exists(tmp_path / 'predict' / 'detections.json')
   assert summary['attribute_decisions'] == 'logit adjustment 1 by the training prior'
   assert summary['class_decisions'] == 'in the context of its patient'
