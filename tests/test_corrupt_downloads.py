@@ -75,6 +75,29 @@ def _rewrite_row(row_index, edit):
   return damage
 
 
+def _region_in_normalized_units(root):
+  """Every row's region divided by the field's side: the labelled cells then lie outside it."""
+  label = _label_with_rows(_subset_dir(root), rows=1)
+  rows = [line.split() for line in label.read_text().splitlines() if line.strip()]
+  for fields in rows:
+    fields[5:9] = [f'{float(v) / 640:.4f}' for v in fields[5:9]]
+  label.write_text('\n'.join(' '.join(fields) for fields in rows) + '\n')
+  return label.name, {f'train/{_image_of(label).name}'}
+
+
+def _remove_labels_of_split(root):
+  folder = _subset_dir(root)
+  shutil.rmtree(folder / 'labels' / 'train')
+  return str(Path('images') / 'train'), {f'train/{p.name}' for p in (folder / 'images' / 'train').iterdir()}
+
+
+def _second_coco_label_folder(root):
+  folder = _subset_dir(root)
+  shutil.copytree(folder / 'json_labels', folder / 'Annotations')
+  everything = {f'{split}/{p.name}' for split in ('train', 'test') for p in (folder / 'Images' / split).iterdir()}
+  return folder.name, everything
+
+
 def _set(index, value):
   return lambda fields: fields[:index] + [value] + fields[index + 1:]
 
@@ -85,6 +108,14 @@ def _damage_image(how):
     image = sorted((folder / 'images' / 'train').iterdir())[0]
     if how == 'truncate':
       image.write_bytes(image.read_bytes()[:300])
+    elif how == 'halve':  # a JPEG has no checksum: only decoding it finds the cut
+      image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])
+    elif how == 'tiff':
+      from PIL import Image
+      with Image.open(image) as im:
+        im.save(image.with_suffix('.tif'))
+      image.unlink()
+      return image.stem + '.tif', {f'train/{image.name}'}
     elif how == 'garbage':
       image.write_bytes(b'this is not an image')
     elif how == 'empty':
@@ -131,6 +162,8 @@ def _coco_image(how):
     image = sorted((folder / 'Images' / 'train').iterdir())[0]
     if how == 'delete':
       image.unlink()
+    elif how == 'last_byte':  # every chunk's CRC still holds: only the missing IEND end tells
+      image.write_bytes(image.read_bytes()[:-1])
     else:
       image.write_bytes(image.read_bytes()[:300] if how == 'truncate' else b'GIF89a')
     return image.name, {f'train/{image.name}'}
@@ -175,6 +208,8 @@ CASES = {
     'coco/image_missing': (_coco_image('delete'), P.K_MISSING_IMAGE),
     'coco/image_truncated': (_coco_image('truncate'), P.K_UNREADABLE_IMAGE),
     'coco/image_not_png': (_coco_image('garbage'), P.K_UNREADABLE_IMAGE),
+    'coco/image_cut_in_its_last_byte': (_coco_image('last_byte'), P.K_UNREADABLE_IMAGE),
+    'coco/two_label_folders': (_second_coco_label_folder, P.K_LAYOUT),
     # YOLO, 12 columns
     'yolo/too_few_columns': (_rewrite_row(1, lambda f: f[:-1]), P.K_COLUMNS),
     'yolo/text_field': (_rewrite_row(1, _set(2, 'abc')), P.K_NON_NUMERIC),
@@ -188,6 +223,8 @@ CASES = {
     'yolo/image_empty': (_damage_image('empty'), P.K_UNREADABLE_IMAGE),
     'yolo/image_missing': (_damage_image('delete'), P.K_ORPHAN_LABEL),
     'yolo/label_without_image': (_orphan_label, P.K_ORPHAN_LABEL),
+    'yolo/labels_of_a_split_missing': (_remove_labels_of_split, P.K_LAYOUT),
+    'yolo/image_tiff': (_damage_image('tiff'), P.K_UNREADABLE_IMAGE),
     # sparse, 16 columns
     'sparse/region_differs_between_rows': (_rewrite_row(1, _set(7, '600')), P.K_REGION),
     'sparse/region_outside_image': (_rewrite_row(0, _set(7, '700')), P.K_REGION),
@@ -195,12 +232,14 @@ CASES = {
     'sparse/fifteen_columns': (_rewrite_row(1, lambda f: f[:-1]), P.K_COLUMNS),
     'sparse/attribute_out_of_range': (_rewrite_row(0, _set(15, '3')), P.K_ATTRIBUTE),
     'sparse/image_not_640': (_resize_image, P.K_IMAGE_SIZE),
+    'sparse/region_in_normalized_units': (_region_in_normalized_units, P.K_REGION),
     # TXL-PBC, 5 columns
     'txl/class_out_of_range': (_rewrite_row(1, _set(0, '3')), P.K_CLASS),
     'txl/six_columns': (_rewrite_row(0, lambda f: f + ['1']), P.K_COLUMNS),
     'txl/text_field': (_rewrite_row(1, _set(4, 'wide')), P.K_NON_NUMERIC),
     'txl/box_outside': (_rewrite_row(0, _set(2, '-0.5')), P.K_BOX),
     'txl/image_garbage': (_damage_image('garbage'), P.K_UNREADABLE_IMAGE),
+    'txl/jpeg_cut_in_half': (_damage_image('halve'), P.K_UNREADABLE_IMAGE),
     'txl/label_without_image': (_orphan_label, P.K_ORPHAN_LABEL),
     'txl/data_yaml_missing': (_remove_yaml, P.K_YAML),
 }
@@ -235,3 +274,35 @@ def test_broken_download(pristine, tmp_path, case):
   assert report.counts[kind] >= 1 and report.total >= 1, report.summary()
   assert named_file in report.summary()
   assert arrived == everything - lost, (sorted(everything - arrived), sorted(lost))
+
+
+def test_an_image_without_a_label_file_is_read_without_cells_and_noted(pristine, tmp_path):
+  root = tmp_path / 'yolo'
+  shutil.copytree(pristine / 'yolo', root)
+  label = _label_with_rows(_subset_dir(root), rows=1)
+  image = _image_of(label)
+  label.unlink()
+  records, report, _ = P.parse_lld(root, on_error='raise')
+  record = next(r for r in records if r.filename == image.name)
+  assert len(record.labels) == 0 and report.total == 0
+  assert report.notes[P.K_NO_LABEL_FILE] == 1 and image.name in report.summary()
+
+
+def test_names_that_give_no_diagnosis_are_noted(pristine, tmp_path):
+  root = tmp_path / 'yolo'
+  shutil.copytree(pristine / 'yolo', root)
+  labels = sorted((_subset_dir(root) / 'labels' / 'train').glob('*.txt'))[:2]
+  renamed = {}
+  for label, new_stem in zip(labels, ('field (1)', labels[1].stem.rsplit('_', 1)[0] + '_APL')):
+    image = _image_of(label)
+    image.rename(image.with_name(new_stem + image.suffix))
+    label.rename(label.with_name(new_stem + '.txt'))
+    renamed[new_stem + image.suffix] = label.stem.split('_')[0]
+  records, report, _ = P.parse_lld(root, on_error='raise')
+  by_name = {r.filename: r for r in records}
+  assert by_name['field (1).png'].patient == '' and by_name['field (1).png'].leukemia_type == 'unknown'
+  apl = next(name for name in renamed if name.endswith('_APL.png'))
+  assert by_name[apl].patient == renamed[apl] and by_name[apl].leukemia_type == 'unknown'
+  assert report.notes[P.K_NAME] == 2 and report.total == 0
+  assert 'field (1).png' in report.summary() and "'APL'" in report.summary()
+  assert all(r.leukemia_type != 'unknown' for r in records if r.filename not in renamed)

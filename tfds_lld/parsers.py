@@ -60,6 +60,8 @@ K_IMAGE_SIZE = 'wrong_image_size'
 K_MIXED = 'mixed_layout'
 K_LAYOUT = 'bad_layout'
 K_YAML = 'bad_data_yaml'
+K_NAME = 'name_without_diagnosis'  # a note: the file name gives no patient or no known leukemia type
+K_NO_LABEL_FILE = 'image_without_label_file'  # a note: YOLO writes no file for a field without objects
 
 
 class DatasetFormatError(ValueError):
@@ -199,14 +201,36 @@ def _image_files(folder: Path) -> list[Path]:
   return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+# What TensorFlow's image decoder, which reads the stored bytes in training, can decode.
+_DECODABLE_FORMATS = ('PNG', 'JPEG', 'BMP', 'GIF')
+_PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82'  # the empty IEND chunk and its CRC that close every PNG
+
+
 def read_image_size(path: Path) -> tuple[int, int]:
-  """(width, height) from the image header; raises DatasetFormatError if missing or unreadable."""
+  """(width, height) of an image that training will be able to decode; raises DatasetFormatError if it is
+  missing, unreadable, cut short, or in a format TensorFlow cannot decode.
+
+  A PNG's chunks are checked against their CRCs, and its closing IEND chunk must be there (a download cut off in
+  its last bytes passes the CRCs); the other formats carry no checksums, so they are decoded whole."""
   if not path.is_file():
     raise DatasetFormatError(f'{path}: image file is missing', K_MISSING_IMAGE)
   try:
     with Image.open(path) as im:
-      size = im.size
+      size, image_format = im.size, im.format
       im.verify()
+    if image_format not in _DECODABLE_FORMATS:
+      raise DatasetFormatError(f'{path}: {image_format} images cannot be decoded in training (TensorFlow reads '
+                               f'{", ".join(_DECODABLE_FORMATS)}); convert it to PNG', K_UNREADABLE_IMAGE)
+    if image_format == 'PNG':
+      with open(path, 'rb') as f:  # some writers append bytes after IEND: look near the end, not at it
+        f.seek(max(path.stat().st_size - 4096, 0))
+        if _PNG_END not in f.read():
+          raise OSError('no IEND chunk at the end: the file was cut short')
+    else:
+      with Image.open(path) as im:
+        im.load()
+  except DatasetFormatError:
+    raise
   except Exception as e:  # PIL raises many types.
     raise DatasetFormatError(f'{path}: image is unreadable ({type(e).__name__}: {e})', K_UNREADABLE_IMAGE) from e
   if size[0] <= 0 or size[1] <= 0:
@@ -276,12 +300,32 @@ def _yolo_box(values, width, height, where):
   return x1 * width, y1 * height, x2 * width, y2 * height
 
 
-def _patient_type(stem: str) -> tuple[str, str]:
-  parsed = F.parse_image_filename(stem)
+def _patient_type(path: Path, report: SkipReport) -> tuple[str, str]:
+  """(patient, leukemia type) from an LLD file name; ('', 'unknown') and a note when the name does not give them
+  (LLD tells a field's diagnosis by its name alone)."""
+  parsed = F.parse_image_filename(path.stem)
   if parsed is None:
+    report.note(K_NAME, f'{path}: not named {{patient}}_{{image}}_{{magnification}}_{{type}}; patient and leukemia '
+                        'type unknown')
     return '', 'unknown'
   patient, ltype = parsed
-  return patient, (ltype if ltype in F.LEUKEMIA_TYPES else 'unknown')
+  if ltype not in F.LEUKEMIA_TYPES:
+    report.note(K_NAME, f'{path}: leukemia type {ltype!r} is not one of {list(F.LEUKEMIA_TYPES)}; type unknown')
+    return patient, 'unknown'
+  return patient, ltype
+
+
+def _check_cells_inside(boxes, line_numbers, region, label_file):
+  """Only the cells inside a sparse field's region are labelled: a labelled cell whose centre lies outside it
+  means the region's coordinates are not the absolute pixels they should be (or not this field's)."""
+  x1, y1, x2, y2 = region
+  for lineno, (bx1, by1, bx2, by2) in zip(line_numbers, boxes):
+    cx, cy = (bx1 + bx2) / 2, (by1 + by2) / 2
+    if not (x1 - BOX_TOL_PX <= cx <= x2 + BOX_TOL_PX and y1 - BOX_TOL_PX <= cy <= y2 + BOX_TOL_PX):
+      raise DatasetFormatError(
+          f'{label_file}:{lineno}: the labelled cell\'s centre ({cx:.1f}, {cy:.1f}) px lies outside the annotated '
+          f'region ({x1:g}, {y1:g}, {x2:g}, {y2:g}); the region must be in absolute pixels of the '
+          f'{F.LLD_IMAGE_SIZE}x{F.LLD_IMAGE_SIZE} field', K_REGION)
 
 
 def _arrays(boxes, labels, attrs):
@@ -338,10 +382,20 @@ def _column_counts(path: Path) -> dict[int, int]:
   return counts
 
 
+def _coco_json_dir(folder: Path) -> Path | None:
+  """The subset's COCO label folder (json_labels/ or, in older copies, Annotations/) that holds JSON files; None
+  if neither does. Both holding JSON is an error: which one is the download's is not ours to guess."""
+  found = [d for d in sorted(folder.iterdir()) if d.is_dir() and d.name.lower() in ('json_labels', 'annotations')
+           and any(p.is_file() and p.suffix.lower() == '.json' for p in d.iterdir())]
+  if len(found) > 1:
+    raise DatasetFormatError(f'{folder}: two COCO label folders with JSON files ({", ".join(d.name for d in found)}); '
+                             f'keep one', K_LAYOUT)
+  return found[0] if found else None
+
+
 def detect_layout(folder: Path, on_error: str = 'raise', report: SkipReport | None = None) -> str:
   """COCO if a json label dir is present, else YOLO (12 columns) or SPARSE (16 columns) from the label files."""
-  json_dir = _child(folder, 'json_labels', 'annotations')
-  if json_dir is not None and any(p.suffix.lower() == '.json' for p in json_dir.iterdir()):
+  if _coco_json_dir(folder) is not None:
     return COCO
   label_files = _label_files(folder)
   if not label_files and _child(folder, 'images') is None:
@@ -542,7 +596,7 @@ def parse_coco_file(json_path: Path, image_dir: Path | None, subset: F.Domain, s
           row.append(_attribute(ann[key], a, F.COCO_NOT_APPLICABLE, where))
         attrs.append(row)
       b, l, a = _arrays(boxes, labels, attrs)
-      patient, ltype = _patient_type(Path(fname).stem)
+      patient, ltype = _patient_type(path, policy.report)
       return ExampleRecord(str(path), fname, subset.subset, split, width, height, b, l, a,
                            _full_region(width, height), subset, patient, ltype, COCO)
 
@@ -565,7 +619,7 @@ def _class_id_key(value):
 
 
 def parse_coco_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
-  json_dir = _child(info.path, 'json_labels', 'annotations')
+  json_dir = _coco_json_dir(info.path)
   records = []
   for jp in sorted(json_dir.iterdir()):
     if not (jp.is_file() and jp.suffix.lower() == '.json'):
@@ -617,6 +671,12 @@ def _yolo_split_pairs(folder: Path, policy: _Policy, where: str) -> dict[str, li
     lab_dir = _child(labels_root, *names) if labels_root else None
     images = _image_files(img_dir) if img_dir else []
     images = _check_duplicates(images, f'{where} split {split}', policy)
+    if images and lab_dir is None:  # a layout misread or a download without its labels: never cell-free fields
+      policy.handle(DatasetFormatError(
+          f'{img_dir}: {len(images)} images of split {split} but no labels/{img_dir.name} folder for them (and no '
+          f'COCO json_labels/ or Annotations/ folder with JSON files in {folder})', K_LAYOUT))
+      out[split] = []
+      continue
     labels = {}
     if lab_dir:
       for p in sorted(lab_dir.iterdir()):
@@ -631,6 +691,10 @@ def _yolo_split_pairs(folder: Path, policy: _Policy, where: str) -> dict[str, li
       if stem not in stems and stem not in dup_stems:
         policy.handle(DatasetFormatError(f'{lp}: label file for a missing image (no image named {lp.stem}.* in '
                                          f'{img_dir or "the images folder"})', K_ORPHAN_LABEL))
+    for p in images:
+      if p.stem.lower() not in labels:
+        policy.report.note(K_NO_LABEL_FILE, f'{p}: no label file in {lab_dir}; read as a field without labelled '
+                                            'cells')
     out[split] = [(p, labels.get(p.stem.lower())) for p in images]
   return out
 
@@ -648,10 +712,11 @@ def parse_yolo_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
         if sparse and (width, height) != (F.LLD_IMAGE_SIZE, F.LLD_IMAGE_SIZE):
           raise DatasetFormatError(f'{img}: image is {width}x{height}; the sparse layout needs '
                                    f'{F.LLD_IMAGE_SIZE}x{F.LLD_IMAGE_SIZE} for its region coordinates', K_IMAGE_SIZE)
-        boxes, labels, attrs, region = [], [], [], None
+        boxes, labels, attrs, region, line_numbers = [], [], [], None, []
         if lab is not None:
           for lineno, v in _read_rows(lab, ncols, hint):
             where = f'{lab}:{lineno}'
+            line_numbers.append(lineno)
             labels.append(_class_id(v[0], F.NUM_CLASSES, where))
             boxes.append(_yolo_box(v[1:5], width, height, where))
             a = v[9:16] if sparse else v[5:12]
@@ -669,10 +734,11 @@ def parse_yolo_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
             regions = []  # Empty / missing label file: nothing known to be annotated.
           else:
             regions = [_check_box_px(*region[0], width, height, f'{lab}:{region[1]}', kind=K_REGION, what='region')]
+            _check_cells_inside(boxes, line_numbers, regions[0], lab)
         else:
           regions = _full_region(width, height)
         b, l, a = _arrays(boxes, labels, attrs)
-        patient, ltype = _patient_type(img.stem)
+        patient, ltype = _patient_type(img, policy.report)
         return ExampleRecord(str(img), img.name, info.domain.subset, split, width, height, b, l, a, regions,
                              info.domain, patient, ltype, info.layout)
 
