@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tfds_lld import parsers as P
@@ -96,6 +97,12 @@ def _second_coco_label_folder(root):
   shutil.copytree(folder / 'json_labels', folder / 'Annotations')
   everything = {f'{split}/{p.name}' for split in ('train', 'test') for p in (folder / 'Images' / split).iterdir()}
   return folder.name, everything
+
+
+def _label_in_utf16(root):
+  label = _label_with_rows(_subset_dir(root), rows=1)
+  label.write_bytes(label.read_text().encode('utf-16'))
+  return label.name, {f'train/{_image_of(label).name}'}
 
 
 def _set(index, value):
@@ -225,6 +232,7 @@ CASES = {
     'yolo/label_without_image': (_orphan_label, P.K_ORPHAN_LABEL),
     'yolo/labels_of_a_split_missing': (_remove_labels_of_split, P.K_LAYOUT),
     'yolo/image_tiff': (_damage_image('tiff'), P.K_UNREADABLE_IMAGE),
+    'yolo/label_in_utf16': (_label_in_utf16, P.K_NON_NUMERIC),
     # sparse, 16 columns
     'sparse/region_differs_between_rows': (_rewrite_row(1, _set(7, '600')), P.K_REGION),
     'sparse/region_outside_image': (_rewrite_row(0, _set(7, '700')), P.K_REGION),
@@ -306,3 +314,32 @@ def test_names_that_give_no_diagnosis_are_noted(pristine, tmp_path):
   assert report.notes[P.K_NAME] == 2 and report.total == 0
   assert 'field (1).png' in report.summary() and "'APL'" in report.summary()
   assert all(r.leukemia_type != 'unknown' for r in records if r.filename not in renamed)
+
+
+def test_folders_that_look_like_part_of_the_download_but_are_not_read_are_noted(pristine, tmp_path):
+  root = tmp_path / 'yolo'
+  shutil.copytree(pristine / 'yolo', root)
+  subset = _subset_dir(root)
+  shutil.copytree(subset, root / (subset.name + '_v2'))  # misnamed: not one of LLD's subsets
+  (root / 'LLD').mkdir()
+  shutil.copytree(subset, root / 'LLD' / 'H_100x_C2')  # unpacked one level deeper than the others
+  (root / 'notes').mkdir()  # holds nothing of the download: no note
+  records, report, subsets = P.parse_lld(root, on_error='raise')
+  assert [s.path for s in subsets] == [subset]
+  assert report.notes[P.K_UNREAD_FOLDER] == 2 and report.total == 0
+  summary = report.summary()
+  assert subset.name + '_v2' in summary and 'H_100x_C2' in summary and str(root / 'notes') not in summary
+
+
+def test_a_label_file_with_a_byte_order_mark_reads_as_without(pristine, tmp_path):
+  root = tmp_path / 'yolo'
+  shutil.copytree(pristine / 'yolo', root)
+  clean, _, _ = P.parse_lld(root, on_error='raise')
+  label = _label_with_rows(_subset_dir(root), rows=1)
+  label.write_bytes(b'\xef\xbb\xbf' + label.read_bytes().replace(b'\n', b'\r\n'))  # as a Windows editor saves it
+  records, report, _ = P.parse_lld(root, on_error='raise')
+  assert report.total == 0
+  for before, after in zip(clean, records):
+    assert before.filename == after.filename
+    np.testing.assert_array_equal(before.boxes, after.boxes)
+    np.testing.assert_array_equal(before.attributes, after.attributes)

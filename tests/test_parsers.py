@@ -180,10 +180,17 @@ COCO_CASES = {
     'unknown_category_name': (lambda f: _edit_json(f / 'json_labels/train.json',
                                                    lambda d: d['categories'][1].update(name='Blast')),
                               ['train.json', 'category id 1', "unknown category name 'Blast'"], P.K_CATEGORY),
+    'category_named_twice': (lambda f: _edit_json(f / 'json_labels/train.json', lambda d: d['categories'].append(
+        {'id': d['categories'][1]['id'], 'name': 'Basophil'})), ['train.json', 'is named twice', "'Basophil'"],
+                             P.K_CATEGORY),
     'unknown_category_id': (lambda f: _edit_json(f / 'json_labels/train.json', _set_ann(category_id=77)),
                             ['train.json', 'annotation id 1', 'unknown category id 77'], P.K_CATEGORY),
     'box_outside': (lambda f: _edit_json(f / 'json_labels/train.json', _set_ann(bbox=[600, 200, 60, 100])),
                     ['train.json', 'annotation id 1', 'outside'], P.K_BOX),
+    'box_of_an_annotation_without_id': (
+        lambda f: _edit_json(f / 'json_labels/train.json', lambda d: [d['annotations'][0].pop('id'),
+                                                                      d['annotations'][0].update(bbox=[1, 2, 0, 3])]),
+        ['train.json', 'annotations[0] (no id)', 'size not positive'], P.K_BOX),
     'box_size': (lambda f: _edit_json(f / 'json_labels/train.json', _set_ann(bbox=[100, 200, 0, 100])),
                  ['train.json', 'annotation id 1', 'size not positive'], P.K_BOX),
     'box_non_numeric': (lambda f: _edit_json(f / 'json_labels/train.json', _set_ann(bbox=[100, 'x', 5, 5])),
@@ -199,6 +206,25 @@ COCO_CASES = {
     'size_mismatch': (lambda f: _edit_json(f / 'json_labels/train.json', lambda d: d['images'][0].update(width=500)),
                       ['train.json', 'image id 1', 'width 500 differs'], P.K_IMAGE_SIZE),
 }
+
+
+def test_coco_image_found_whatever_the_case_of_its_name(tmp_path):
+  folder = _coco(tmp_path)
+  clean, _, _ = _parse(tmp_path)
+  image = folder / 'Images/train/1_1_1000_ALL.png'
+  image.rename(image.with_suffix('.PNG'))
+  records, report, _ = _parse(tmp_path)
+  assert report.total == 0 and len(records) == len(clean)
+  assert any(r.image_path.endswith('1_1_1000_ALL.PNG') and r.filename == '1_1_1000_ALL.png' for r in records)
+
+
+def test_coco_category_no_annotation_uses_is_noted_not_an_error(tmp_path):
+  folder = _coco(tmp_path)
+  clean, _, _ = _parse(tmp_path)
+  _edit_json(folder / 'json_labels/train.json', lambda d: d['categories'].append({'id': 999, 'name': 'leukemia-cells'}))
+  records, report, _ = _parse(tmp_path)
+  assert report.total == 0 and report.notes[P.K_CATEGORY] == 1 and "'leukemia-cells'" in report.summary()
+  assert [r.labels.tolist() for r in records] == [r.labels.tolist() for r in clean]
 
 
 @pytest.mark.parametrize('case', sorted(COCO_CASES))

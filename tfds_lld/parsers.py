@@ -61,6 +61,7 @@ K_MIXED = 'mixed_layout'
 K_LAYOUT = 'bad_layout'
 K_YAML = 'bad_data_yaml'
 K_NAME = 'name_without_diagnosis'  # a note: the file name gives no patient or no known leukemia type
+K_UNREAD_FOLDER = 'folder_not_read'  # a note: a folder that looks like part of the download but is not a subset
 K_NO_LABEL_FILE = 'image_without_label_file'  # a note: YOLO writes no file for a field without objects
 
 
@@ -374,7 +375,7 @@ def _label_files(folder: Path) -> dict[str, list[Path]]:
 def _column_counts(path: Path) -> dict[int, int]:
   """{column count: first line number} over the non-empty lines of a text file."""
   counts = {}
-  with open(path, encoding='utf-8', errors='replace') as f:
+  with open(path, encoding='utf-8-sig', errors='replace') as f:
     for lineno, line in enumerate(f, 1):
       n = len(line.split())
       if n and n not in counts:
@@ -429,6 +430,28 @@ def detect_layout(folder: Path, on_error: str = 'raise', report: SkipReport | No
   return YOLO  # Only empty label files (or none): fully annotated images without cells.
 
 
+def _holds_data(folder: Path) -> bool:
+  return any(_child(folder, name) is not None for name in ('images', 'labels', 'json_labels', 'annotations'))
+
+
+def _note_unread_folders(root: Path, subsets: list[Path], report: SkipReport) -> None:
+  """Notes the folders beside or above the subsets read that hold images or labels, or subset folders of their
+  own, and so look like part of the download: a subset misnamed or unpacked one level too deep."""
+  if root in subsets:
+    return
+  levels = {root} | {p.parent for p in subsets}
+  read_from = ', '.join(sorted({str(p.parent) for p in subsets})) or 'none'
+  for level in sorted(levels):
+    for folder in sorted(p for p in level.iterdir() if p.is_dir() and p not in subsets and p not in levels):
+      nested = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and F.parse_subset_name(p.name) is not None]
+      if nested:
+        report.note(K_UNREAD_FOLDER, f'{folder}: holds subset folders ({", ".join(nested)}) that are not read (the '
+                                     f'subsets read are the ones in {read_from})')
+      elif _holds_data(folder):
+        report.note(K_UNREAD_FOLDER, f'{folder}: holds images or labels, but {folder.name!r} is not the name of an '
+                                     f'LLD subset (such as H_100x_C1 or L_40x_C2); not read')
+
+
 def find_subsets(root: str | os.PathLike, on_error: str = 'raise',
                  report: SkipReport | None = None) -> list[SubsetInfo]:
   """LLD subset folders under `root` (or `root` itself if it is one), each with its own layout."""
@@ -445,6 +468,7 @@ def find_subsets(root: str | os.PathLike, on_error: str = 'raise',
                     if p.is_dir() and F.parse_subset_name(p.name) is not None]
   out, seen = [], {}
   policy = _Policy(on_error, report if report is not None else SkipReport())
+  _note_unread_folders(root, candidates, policy.report)
   for folder in candidates:
     domain = F.parse_subset_name(folder.name)
     if domain.subset in seen:
@@ -508,17 +532,28 @@ def parse_coco_file(json_path: Path, image_dir: Path | None, subset: F.Domain, s
   if data is None:
     return []
   name_to_class = {n.lower(): i for i, n in enumerate(F.CLASS_NAMES)}
-  cat_map, bad_cats = {}, {}
+  cat_map, bad_cats, names, unknown_names = {}, {}, {}, set()
   for cat in data['categories']:
     cid = _class_id_key(cat['id'])
     cls = name_to_class.get(cat['name'].strip().lower())
-    if cls is None:
-      err = DatasetFormatError(f'{json_path}: category id {cat["id"]}: unknown category name {cat["name"]!r} '
-                               f'(expected one of {list(F.CLASS_NAMES)})', K_CATEGORY)
+    if cid in names and names[cid].strip().lower() != cat['name'].strip().lower():
+      # Which name the annotations mean is not ours to guess: their cells would silently change class.
+      err = DatasetFormatError(f'{json_path}: category id {cat["id"]} is named twice ({names[cid]!r} and '
+                               f'{cat["name"]!r})', K_CATEGORY)
       policy.handle(err)
+      cat_map.pop(cid, None)
       bad_cats[cid] = err
-    else:
+      continue
+    names[cid] = cat['name']
+    if cls is None:  # an error for the annotations that use it; a note if none does (an export's super-category)
+      unknown_names.add(cid)
+      bad_cats[cid] = DatasetFormatError(f'{json_path}: category id {cat["id"]}: unknown category name '
+                                         f'{cat["name"]!r} (expected one of {list(F.CLASS_NAMES)})', K_CATEGORY)
+    elif cid not in bad_cats:
       cat_map[cid] = cls
+  used = {_class_id_key(ann['category_id']) for ann in data['annotations']}
+  for cid in sorted(unknown_names - used):
+    policy.report.note(K_CATEGORY, f'{bad_cats[cid]}; no annotation uses it, ignored')
 
   images, bad_images, seen_names = {}, {}, {}
   for im in data['images']:
@@ -541,15 +576,17 @@ def parse_coco_file(json_path: Path, image_dir: Path | None, subset: F.Domain, s
     seen_names[fname.lower()] = im['id']
     images[iid] = im
   anns = collections.defaultdict(list)
-  for ann in data['annotations']:
+  for index, ann in enumerate(data['annotations']):
+    ann_name = f'annotation id {ann["id"]}' if 'id' in ann else f'annotations[{index}] (no id)'
     iid = _class_id_key(ann['image_id'])
     if iid not in images and iid not in bad_images:
-      policy.handle(DatasetFormatError(f'{json_path}: annotation id {ann.get("id")}: image_id {ann["image_id"]} '
-                                       f'not among the images', K_MISSING_IMAGE_ID))
+      policy.handle(DatasetFormatError(f'{json_path}: {ann_name}: image_id {ann["image_id"]} not among the images',
+                                       K_MISSING_IMAGE_ID))
       continue
-    anns[iid].append(ann)
+    anns[iid].append((ann_name, ann))
 
   records = []
+  on_disk = {p.name.lower(): p for p in _image_files(image_dir)} if image_dir is not None else {}
   for iid, im in images.items():
     fname = os.path.basename(im['file_name'])
 
@@ -558,17 +595,19 @@ def parse_coco_file(json_path: Path, image_dir: Path | None, subset: F.Domain, s
         raise DatasetFormatError(f'{json_path}: image id {im["id"]}: image {fname!r} missing (no image folder '
                                  f'for split {split!r} under {json_path.parent.parent})', K_MISSING_IMAGE)
       path = image_dir / fname
+      if not path.is_file():  # the JSON's 'a.png' for a copy's 'a.PNG', as the YOLO layouts and the listing check
+        path = on_disk.get(fname.lower(), path)
       try:
         width, height = read_image_size(path)
       except DatasetFormatError as e:
         raise DatasetFormatError(f'{json_path}: image id {im["id"]}: {e}', e.kind) from None
       for key, actual in (('width', width), ('height', height)):
         if key in im and im[key] is not None and im[key] != actual:
-          raise DatasetFormatError(f'{json_path}: image id {im["id"]}: {key} {im[key]} differs from the file '
+          raise DatasetFormatError(f'{json_path}: image id {im["id"]}: {key} {im[key]!r} differs from the file '
                                    f'{path} ({actual})', K_IMAGE_SIZE)
       boxes, labels, attrs = [], [], []
-      for ann in anns.get(iid, []):
-        where = f'{json_path}: annotation id {ann.get("id")}'
+      for ann_name, ann in anns.get(iid, []):
+        where = f'{json_path}: {ann_name}'
         cat = _class_id_key(ann['category_id'])
         if cat in bad_cats:
           raise DatasetFormatError(f'{where}: {bad_cats[cat]}', K_CATEGORY)
@@ -638,8 +677,10 @@ def parse_coco_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
 
 def _read_rows(path: Path, ncols: int, kind_hint: str):
   """Yields (line number, list of floats) of the non-empty lines, checking the column count."""
-  with open(path, encoding='utf-8', errors='replace') as f:
-    lines = f.readlines()
+  try:
+    lines = path.read_bytes().decode('utf-8-sig').splitlines()  # a byte-order mark, as Windows editors write, is fine
+  except UnicodeDecodeError as e:
+    raise DatasetFormatError(f'{path}: not UTF-8 text ({e}); save it as UTF-8', K_NON_NUMERIC) from None
   for lineno, line in enumerate(lines, 1):
     tokens = line.split()
     if not tokens:
