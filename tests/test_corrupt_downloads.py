@@ -343,3 +343,13 @@ def test_a_label_file_with_a_byte_order_mark_reads_as_without(pristine, tmp_path
     assert before.filename == after.filename
     np.testing.assert_array_equal(before.boxes, after.boxes)
     np.testing.assert_array_equal(before.attributes, after.attributes)
+
+
+def test_coco_images_of_a_split_without_its_json_are_noted(pristine, tmp_path):
+  root = tmp_path / 'coco'
+  shutil.copytree(pristine / 'coco', root)
+  folder = _subset_dir(root)
+  shutil.copytree(folder / 'Images' / 'test', folder / 'Images' / 'val')
+  records, report, _ = P.parse_lld(root, on_error='raise')
+  assert {r.split for r in records} == {'train', 'test'} and report.total == 0
+  assert report.notes[P.K_UNREAD_FOLDER] == 1 and 'no val.json' in report.summary()

@@ -659,7 +659,7 @@ def _class_id_key(value):
 
 def parse_coco_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
   json_dir = _coco_json_dir(info.path)
-  records = []
+  records, labelled = [], set()
   for jp in sorted(json_dir.iterdir()):
     if not (jp.is_file() and jp.suffix.lower() == '.json'):
       continue
@@ -668,6 +668,12 @@ def parse_coco_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
       policy.report.note('unknown_split_file', f'{jp}: not a split name (train/val/test); ignored')
       continue
     records += parse_coco_file(jp, _coco_image_dir(info.path, split), info.domain, split, policy)
+    labelled.add(split)
+  for split in SPLITS:
+    image_dir = _coco_image_dir(info.path, split)
+    if split not in labelled and image_dir is not None and _image_files(image_dir):
+      policy.report.note(K_UNREAD_FOLDER, f'{image_dir}: {len(_image_files(image_dir))} images of split {split} but no '
+                                          f'{split}.json in {json_dir}; not read')
   return records
 
 
