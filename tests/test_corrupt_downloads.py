@@ -353,3 +353,21 @@ def test_coco_images_of_a_split_without_its_json_are_noted(pristine, tmp_path):
   records, report, _ = P.parse_lld(root, on_error='raise')
   assert {r.split for r in records} == {'train', 'test'} and report.total == 0
   assert report.notes[P.K_UNREAD_FOLDER] == 1 and 'no val.json' in report.summary()
+
+
+def test_a_name_whose_magnification_is_another_subsets_is_noted(pristine, tmp_path):
+  root = tmp_path / 'yolo'
+  shutil.copytree(pristine / 'yolo', root)
+  subset = _subset_dir(root)
+  assert '_40x_' in subset.name
+  label = _label_with_rows(subset, rows=1)
+  image = _image_of(label)
+  patient, number, magnification, leukemia_type = label.stem.split('_')
+  assert magnification == '400'
+  new_stem = f'{patient}_{number}_1000_{leukemia_type}'
+  image.rename(image.with_name(new_stem + image.suffix))
+  label.rename(label.with_name(new_stem + '.txt'))
+  records, report, _ = P.parse_lld(root, on_error='raise')
+  moved = next(r for r in records if r.filename == new_stem + image.suffix)
+  assert moved.subset == subset.name and moved.patient == patient and moved.leukemia_type == leukemia_type
+  assert report.notes[P.K_MAGNIFICATION] == 1 and report.total == 0 and new_stem in report.summary()

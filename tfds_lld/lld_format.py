@@ -79,6 +79,16 @@ def parse_subset_name(name: str) -> Domain | None:
   return Domain(microscope.upper(), magnification.lower(), camera.upper())
 
 
+# The `mag` of a file name is the total magnification (objective x 10): 1000 for the 100x subsets.
+FILENAME_MAGNIFICATIONS = {'1000': '100x', '400': '40x', '100': '10x'}
+
+
+def image_filename_magnification(stem: str) -> str | None:
+  """The objective ('100x', '40x', '10x') that a file stem `{patient}_{image}_{mag}_{type}` names, else None."""
+  match = _FILENAME_RE.match(stem)
+  return FILENAME_MAGNIFICATIONS[match.group('mag')] if match else None
+
+
 def parse_image_filename(stem: str) -> tuple[str, str] | None:
   """(patient, leukemia_type) from a file stem `{patient}_{image}_{mag}_{type}`, else None."""
   match = _FILENAME_RE.match(stem)

@@ -61,6 +61,7 @@ K_MIXED = 'mixed_layout'
 K_LAYOUT = 'bad_layout'
 K_YAML = 'bad_data_yaml'
 K_NAME = 'name_without_diagnosis'  # a note: the file name gives no patient or no known leukemia type
+K_MAGNIFICATION = 'magnification_not_the_subsets'  # a note: the name's magnification is another subset's
 K_UNREAD_FOLDER = 'folder_not_read'  # a note: a folder that looks like part of the download but is not a subset
 K_NO_LABEL_FILE = 'image_without_label_file'  # a note: YOLO writes no file for a field without objects
 
@@ -301,14 +302,19 @@ def _yolo_box(values, width, height, where):
   return x1 * width, y1 * height, x2 * width, y2 * height
 
 
-def _patient_type(path: Path, report: SkipReport) -> tuple[str, str]:
+def _patient_type(path: Path, domain: F.Domain, report: SkipReport) -> tuple[str, str]:
   """(patient, leukemia type) from an LLD file name; ('', 'unknown') and a note when the name does not give them
-  (LLD tells a field's diagnosis by its name alone)."""
+  (LLD tells a field's diagnosis by its name alone). A name whose magnification is not its subset's is noted too
+  (a field filed under the wrong subset is scored in the wrong domain)."""
   parsed = F.parse_image_filename(path.stem)
   if parsed is None:
     report.note(K_NAME, f'{path}: not named {{patient}}_{{image}}_{{magnification}}_{{type}}; patient and leukemia '
                         'type unknown')
     return '', 'unknown'
+  magnification = F.image_filename_magnification(path.stem)
+  if magnification != domain.magnification:
+    report.note(K_MAGNIFICATION, f'{path}: named as a {magnification} field in the {domain.magnification} subset '
+                                 f'{domain.subset}; read as {domain.subset}')
   patient, ltype = parsed
   if ltype not in F.LEUKEMIA_TYPES:
     report.note(K_NAME, f'{path}: leukemia type {ltype!r} is not one of {list(F.LEUKEMIA_TYPES)}; type unknown')
@@ -635,7 +641,7 @@ def parse_coco_file(json_path: Path, image_dir: Path | None, subset: F.Domain, s
           row.append(_attribute(ann[key], a, F.COCO_NOT_APPLICABLE, where))
         attrs.append(row)
       b, l, a = _arrays(boxes, labels, attrs)
-      patient, ltype = _patient_type(path, policy.report)
+      patient, ltype = _patient_type(path, subset, policy.report)
       return ExampleRecord(str(path), fname, subset.subset, split, width, height, b, l, a,
                            _full_region(width, height), subset, patient, ltype, COCO)
 
@@ -785,7 +791,7 @@ def parse_yolo_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
         else:
           regions = _full_region(width, height)
         b, l, a = _arrays(boxes, labels, attrs)
-        patient, ltype = _patient_type(img, policy.report)
+        patient, ltype = _patient_type(img, info.domain, policy.report)
         return ExampleRecord(str(img), img.name, info.domain.subset, split, width, height, b, l, a, regions,
                              info.domain, patient, ltype, info.layout)
 
