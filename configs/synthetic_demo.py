@@ -10,8 +10,8 @@ The download holds LLD's 48 patients: 36 train with 15 fields each (three times 
 mAP50 +0.05 and level on two seeds, better naming on both), 12 test with 5 fields each (120 test fields).
 Expected on the 2-core AMD EPYC (Zen 3) of sessions 25-27: 2.5 minutes to set up, generate and build, 2 minutes
 of the cell heads' warm-up (the train step compiles beside it), then 1.2-1.4 steps/s, about 8 minutes of
-training, 14-15 minutes in all from a fresh clone (14 min 12 s in session 27, 14 min 42 s for the same training in
-session 26: little room to spare; without the attribute branches, about 85 s less); test mAP50 0.784, mAP50:95
+training, 12.5-15 minutes in all from a fresh clone (12 min 31 s in session 28, 14 min 12 s for the same training in
+session 27, 14 min 42 s in session 26: little room to spare on a slow hour; without the attribute branches, about 85 s less); test mAP50 0.784, mAP50:95
 0.573, strict attribute F1 0.772 (paper 0.772; cell size 0.89), cells AP50 0.888 (docs/results.md, session 27;
 each cell alone, `--config.eval.class_context=none`: mAP50 0.757, F1 0.775). Seeds and small code changes move the
 mAP50 by about 0.05 (0.719-0.767 with each cell alone over sessions 25-26's runs, 0.690-0.757 over session 23's
