@@ -8,11 +8,12 @@ r"""The demo: a small detector on the synthetic LLD download, on a CPU in minute
 (`bash scripts/demo.sh` runs all of it, then prediction and the report, with XLA's CPU optimization level 1.)
 The download holds LLD's 48 patients: 36 train with 15 fields each (three times session 21's training cells:
 mAP50 +0.05 and level on two seeds, better naming on both), 12 test with 5 fields each (120 test fields).
-Expected on the 2-core AMD EPYC (Zen 3) of sessions 25-27: 2.5 minutes to set up, generate and build, 2 minutes
-of the cell heads' warm-up (the train step compiles beside it), then 1.2-1.4 steps/s, about 8 minutes of
-training, 12.5-15 minutes in all from a fresh clone (12 min 31 s in session 28, 14 min 12 s for the same training in
-session 27, 14 min 42 s in session 26: little room to spare on a slow hour; without the attribute branches, about 85 s less); test mAP50 0.784, mAP50:95
-0.573, strict attribute F1 0.772 (paper 0.772; cell size 0.89), cells AP50 0.888 (docs/results.md, session 27;
+Expected on the 2-core AMD EPYC (Zen 3) of sessions 25-28: 2.5 minutes to set up, generate and build, 2 minutes
+of the cell heads' warm-up (the train step compiles beside it), then 1.2-1.5 steps/s, about 8 minutes of
+training, 12.5-15 minutes in all from a fresh clone (12 min 31 s in session 28, 14 min 12 s for the same training
+in session 27, 14 min 42 s in session 26: little room to spare on a slow hour; without the attribute branches,
+about 85 s less); test mAP50 0.784, mAP50:95 0.573, strict attribute F1 0.772 (paper 0.772; cell size 0.89), cells
+AP50 0.888 (docs/results.md, sessions 27-28;
 each cell alone, `--config.eval.class_context=none`: mAP50 0.757, F1 0.775). Seeds and small code changes move the
 mAP50 by about 0.05 (0.719-0.767 with each cell alone over sessions 25-26's runs, 0.690-0.757 over session 23's
 three seeds). The Intel Xeon of sessions 19-24 ran 1.4-1.6 steps/s (12 min 49 s from a fresh clone without the
