@@ -371,3 +371,17 @@ def test_a_name_whose_magnification_is_another_subsets_is_noted(pristine, tmp_pa
   moved = next(r for r in records if r.filename == new_stem + image.suffix)
   assert moved.subset == subset.name and moved.patient == patient and moved.leukemia_type == leukemia_type
   assert report.notes[P.K_MAGNIFICATION] == 1 and report.total == 0 and new_stem in report.summary()
+
+
+def test_a_sparse_cell_sticking_out_of_its_region_is_kept(pristine, tmp_path):
+  root = tmp_path / 'sparse'
+  shutil.copytree(pristine / 'sparse', root)
+  label = _label_with_rows(_subset_dir(root), rows=1)
+  fields = label.read_text().splitlines()[0].split()  # its first cell alone
+  xc, yc, w, h = (float(v) * 640 for v in fields[1:5])
+  region = (xc + w / 4, max(yc - h / 2 - 20, 0), min(xc + w / 2 + 20, 640), yc + h / 2)
+  fields[5:9] = [f'{v:.2f}' for v in region]
+  label.write_text(' '.join(fields) + '\n')  # the region's left edge right of the cell's centre
+  records, report, _ = P.parse_lld(root, on_error='raise')
+  kept = next(r for r in records if r.filename == _image_of(label).name)
+  assert len(kept.labels) == 1 and report.total == 0

@@ -322,17 +322,17 @@ def _patient_type(path: Path, domain: F.Domain, report: SkipReport) -> tuple[str
   return patient, ltype
 
 
-def _check_cells_inside(boxes, line_numbers, region, label_file):
-  """Only the cells inside a sparse field's region are labelled: a labelled cell whose centre lies outside it
-  means the region's coordinates are not the absolute pixels they should be (or not this field's)."""
+def _check_cells_touch_region(boxes, line_numbers, region, label_file):
+  """Only the cells inside a sparse field's region are labelled. A cell on its border may stick out of it, but a
+  labelled cell wholly outside it means the region's coordinates are not the absolute pixels they should be (or
+  not this field's)."""
   x1, y1, x2, y2 = region
   for lineno, (bx1, by1, bx2, by2) in zip(line_numbers, boxes):
-    cx, cy = (bx1 + bx2) / 2, (by1 + by2) / 2
-    if not (x1 - BOX_TOL_PX <= cx <= x2 + BOX_TOL_PX and y1 - BOX_TOL_PX <= cy <= y2 + BOX_TOL_PX):
+    if bx2 < x1 - BOX_TOL_PX or bx1 > x2 + BOX_TOL_PX or by2 < y1 - BOX_TOL_PX or by1 > y2 + BOX_TOL_PX:
       raise DatasetFormatError(
-          f'{label_file}:{lineno}: the labelled cell\'s centre ({cx:.1f}, {cy:.1f}) px lies outside the annotated '
-          f'region ({x1:g}, {y1:g}, {x2:g}, {y2:g}); the region must be in absolute pixels of the '
-          f'{F.LLD_IMAGE_SIZE}x{F.LLD_IMAGE_SIZE} field', K_REGION)
+          f'{label_file}:{lineno}: the labelled cell ({bx1:.1f}, {by1:.1f}, {bx2:.1f}, {by2:.1f}) px lies wholly '
+          f'outside the annotated region ({x1:g}, {y1:g}, {x2:g}, {y2:g}); the region must be in absolute pixels of '
+          f'the {F.LLD_IMAGE_SIZE}x{F.LLD_IMAGE_SIZE} field', K_REGION)
 
 
 def _arrays(boxes, labels, attrs):
@@ -787,7 +787,7 @@ def parse_yolo_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
             regions = []  # Empty / missing label file: nothing known to be annotated.
           else:
             regions = [_check_box_px(*region[0], width, height, f'{lab}:{region[1]}', kind=K_REGION, what='region')]
-            _check_cells_inside(boxes, line_numbers, regions[0], lab)
+            _check_cells_touch_region(boxes, line_numbers, regions[0], lab)
         else:
           regions = _full_region(width, height)
         b, l, a = _arrays(boxes, labels, attrs)
