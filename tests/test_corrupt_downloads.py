@@ -232,7 +232,7 @@ CASES = {
     'yolo/label_without_image': (_orphan_label, P.K_ORPHAN_LABEL),
     'yolo/labels_of_a_split_missing': (_remove_labels_of_split, P.K_LAYOUT),
     'yolo/image_tiff': (_damage_image('tiff'), P.K_UNREADABLE_IMAGE),
-    'yolo/label_in_utf16': (_label_in_utf16, P.K_NON_NUMERIC),
+    'yolo/label_in_utf16': (_label_in_utf16, P.K_ENCODING),
     # sparse, 16 columns
     'sparse/region_differs_between_rows': (_rewrite_row(1, _set(7, '600')), P.K_REGION),
     'sparse/region_outside_image': (_rewrite_row(0, _set(7, '700')), P.K_REGION),

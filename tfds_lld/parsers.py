@@ -48,6 +48,7 @@ K_UNREADABLE_IMAGE = 'unreadable_image'
 K_ORPHAN_LABEL = 'label_without_image'
 K_COLUMNS = 'wrong_column_count'
 K_NON_NUMERIC = 'non_numeric_field'
+K_ENCODING = 'not_utf8_text'
 K_CLASS = 'class_id_out_of_range'
 K_BOX = 'bad_box'
 K_ATTRIBUTE = 'bad_attribute'
@@ -592,7 +593,8 @@ def parse_coco_file(json_path: Path, image_dir: Path | None, subset: F.Domain, s
     anns[iid].append((ann_name, ann))
 
   records = []
-  on_disk = {p.name.lower(): p for p in _image_files(image_dir)} if image_dir is not None else {}
+  files = _image_files(image_dir) if image_dir is not None else []
+  on_disk = {p.name.lower(): p for p in files}
   for iid, im in images.items():
     fname = os.path.basename(im['file_name'])
 
@@ -650,7 +652,7 @@ def parse_coco_file(json_path: Path, image_dir: Path | None, subset: F.Domain, s
       records.append(rec)
   if image_dir is not None:
     all_listed = {os.path.basename(i['file_name']).lower() for i in data['images']}
-    for p in _image_files(image_dir):
+    for p in files:
       if p.name.lower() not in all_listed:
         policy.report.note('image_not_in_json', f'{p}: image not listed in {json_path}; ignored')
   return records
@@ -675,11 +677,12 @@ def parse_coco_subset(info: SubsetInfo, policy: _Policy) -> list[ExampleRecord]:
       continue
     records += parse_coco_file(jp, _coco_image_dir(info.path, split), info.domain, split, policy)
     labelled.add(split)
-  for split in SPLITS:
+  for split in (s for s in SPLITS if s not in labelled):
     image_dir = _coco_image_dir(info.path, split)
-    if split not in labelled and image_dir is not None and _image_files(image_dir):
-      policy.report.note(K_UNREAD_FOLDER, f'{image_dir}: {len(_image_files(image_dir))} images of split {split} but no '
-                                          f'{split}.json in {json_dir}; not read')
+    images = _image_files(image_dir) if image_dir is not None else []
+    if images:
+      policy.report.note(K_UNREAD_FOLDER, f'{image_dir}: {len(images)} images of split {split} but no {split}.json '
+                                          f'in {json_dir}; not read')
   return records
 
 
@@ -692,7 +695,7 @@ def _read_rows(path: Path, ncols: int, kind_hint: str):
   try:
     lines = path.read_bytes().decode('utf-8-sig').splitlines()  # a byte-order mark, as Windows editors write, is fine
   except UnicodeDecodeError as e:
-    raise DatasetFormatError(f'{path}: not UTF-8 text ({e}); save it as UTF-8', K_NON_NUMERIC) from None
+    raise DatasetFormatError(f'{path}: not UTF-8 text ({e}); save it as UTF-8', K_ENCODING) from None
   for lineno, line in enumerate(lines, 1):
     tokens = line.split()
     if not tokens:
